@@ -1,0 +1,105 @@
+"""CPU benchmark of custom.indexer_compress_epilog (compiled kernel) against the eager reference.
+
+Prints a markdown table: median time, GB/s (bytes read + written), fraction of this machine's
+memcpy bandwidth measured in the same run, speed-up over the eager torch reference, and the peak
+resident memory the call adds beyond its inputs and outputs.
+
+    python benchmarks/bench_cpu.py [--quick] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vllm_indexer_epilog  # noqa: E402,F401  (registers the op)
+from common import bytes_moved, make_inputs, print_table  # noqa: E402
+from vllm_indexer_epilog.reference import reference_indexer_compress_epilog  # noqa: E402
+
+
+def median_time(fn: Callable[[], None], *, min_reps: int = 5, budget_s: float = 1.0) -> float:
+    fn()  # warm-up (first-use build, page faults)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_reps or (time.perf_counter() - start < budget_s and len(times) < 1000):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_extra_mib(fn: Callable[[], None]) -> float:
+    """Peak RSS during `fn` above the RSS before it (Linux: clear_refs 5 resets the high-water mark)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    base = _status_kib("VmRSS:")
+    fn()
+    return max(0, _status_kib("VmHWM:") - base) / 1024
+
+
+def memcpy_gbs(nbytes: int = 256 << 20) -> float:
+    """Read + write bandwidth of torch's multi-threaded copy of a buffer larger than any cache."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), min_reps=10)
+    return 2 * nbytes / t / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    ap.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    copy_bw = memcpy_gbs()
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads; memcpy (read+write) {copy_bw:.1f} GB/s", flush=True)
+    ts = [1, 64, 1024] if args.quick else [1, 64, 4096, 16384]
+    rows = []
+    for d in (128, 4096):
+        for t in ts:
+            for mode in (1, 0):
+                cache, scale, x, slots = make_inputs(t, d, quant_mode=mode)
+                kw = dict(quant_mode=mode, round_scale=True)
+                op = lambda: torch.ops.custom.indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
+                ref = lambda: reference_indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
+                t_op = median_time(op)
+                t_ref = median_time(ref, min_reps=3, budget_s=0.5)
+                gbs = bytes_moved(cache, scale, x, slots) / t_op / 1e9
+                rows.append({
+                    "T": t, "d": d, "mode": "standard" if mode == 1 else "MX",
+                    "time (us)": f"{t_op * 1e6:.1f}", "GB/s": f"{gbs:.2f}",
+                    "vs memcpy": f"{gbs / copy_bw:.0%}", "vs eager ref": f"{t_ref / t_op:.1f}x",
+                    "peak extra (MiB)": f"{peak_extra_mib(op):.1f}",
+                    "ref peak extra (MiB)": f"{peak_extra_mib(ref):.1f}",
+                })
+                del cache, scale, x, slots
+    cols = list(rows[0])
+    table = print_table(rows, cols)
+    if args.out:
+        args.out.write_text(f"memcpy (read+write) {copy_bw:.1f} GB/s\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

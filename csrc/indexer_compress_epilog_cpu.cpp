@@ -1,0 +1,340 @@
+// CPU backend of custom::indexer_compress_epilog (shared/SPEC.md).
+//
+// The Python wrapper validates arguments and slot ranges before calling in; this file still skips any
+// row whose slot is outside [0, N) so that no caller can make it write out of bounds.
+// Rows are split across threads; each group of 128 elements is read from x once into a float buffer
+// that stays in L1, reduced to its scale, then encoded and stored.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#if defined(__SSE__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "fp8_codec.h"
+
+namespace vie {
+namespace {
+
+enum class ScaleRule { kStandard, kMxCeil, kMxFloor };
+
+template <typename T>
+VIE_INLINE float to_f32(T v) {
+  return static_cast<float>(v);
+}
+template <>
+VIE_INLINE float to_f32<c10::BFloat16>(c10::BFloat16 v) {
+  return bits_f32(uint32_t(v.x) << 16);
+}
+
+// Widens one group into `buf`. fp16 uses F16C 8 lanes at a time: c10::Half's scalar conversion would
+// keep the surrounding loop from vectorizing.
+template <typename In>
+VIE_INLINE void widen(const In* __restrict src, int n, float* __restrict buf) {
+  for (int i = 0; i < n; ++i) buf[i] = to_f32(src[i]);
+}
+#ifdef __F16C__
+template <>
+VIE_INLINE void widen<c10::Half>(const c10::Half* __restrict src, int n, float* __restrict buf) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+  for (; i < n; ++i) buf[i] = to_f32(src[i]);
+}
+#endif
+
+// The scale of one group, from its finite amax: what is stored, and what multiplies or divides x.
+struct GroupScale {
+  float divisor;     // standard mode: S (x / S)
+  float multiplier;  // MX: 2^-e (x * 2^-e rounds exactly like x / 2^e)
+  uint8_t e8m0;      // MX: the stored byte e + 127
+};
+
+template <typename Fmt, ScaleRule Rule>
+VIE_INLINE GroupScale group_scale(uint32_t amax_bits) {
+  if constexpr (Rule == ScaleRule::kStandard) {
+    return {bits_f32(amax_bits) / bits_f32(Fmt::kFmaxBits), 0.0f, 0};
+  } else {
+    const int32_t e = mx_exponent<Fmt, Rule == ScaleRule::kMxCeil>(amax_bits);
+    return {0.0f, bits_f32(uint32_t(127 - e) << 23), uint8_t(e + 127)};
+  }
+}
+
+template <typename Fmt, ScaleRule Rule>
+VIE_INLINE void store_scale(const GroupScale& gs, float* scale_f32, uint8_t* scale_e8m0) {
+  if constexpr (Rule == ScaleRule::kStandard) {
+    *scale_f32 = gs.divisor;
+  } else {
+    *scale_e8m0 = gs.e8m0;
+  }
+}
+
+// Portable path (tail groups, and CPUs without AVX2): plain loops that GCC vectorizes.
+template <typename In, typename Fmt, ScaleRule Rule>
+void quantize_group_generic(const In* __restrict src, int n, uint8_t* __restrict dst, float* scale_f32,
+                            uint8_t* scale_e8m0) {
+  alignas(64) float buf[kGroupSize];
+  widen(src, n, buf);
+  // Non-negative floats order like their bits; non-finite magnitudes are left out of the max.
+  // (GCC does not vectorize this reduction on its own.)
+  int32_t amax_i = 0;
+#pragma omp simd reduction(max : amax_i)
+  for (int i = 0; i < n; ++i) {
+    const int32_t mag = int32_t(f32_bits(buf[i]) & 0x7FFFFFFFu);
+    const int32_t fin = mag < 0x7F800000 ? mag : 0;
+    amax_i = fin > amax_i ? fin : amax_i;
+  }
+  const GroupScale gs = group_scale<Fmt, Rule>(uint32_t(amax_i));
+  store_scale<Fmt, Rule>(gs, scale_f32, scale_e8m0);
+  if constexpr (Rule == ScaleRule::kStandard) {
+    if (gs.divisor == 0.0f) {
+      // Nothing to scale: finite elements are 0x00, Inf saturates, NaN stays NaN.
+      for (int i = 0; i < n; ++i) {
+        const uint32_t mag = f32_bits(buf[i]) & 0x7FFFFFFFu;
+        dst[i] = mag < 0x7F800000u ? uint8_t(0) : encode_fp8<Fmt>(buf[i]);
+      }
+      return;
+    }
+    const float s = gs.divisor;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) dst[i] = encode_fp8<Fmt>(buf[i] / s);  // correctly rounded division
+  } else {
+    const float inv = gs.multiplier;
+#pragma omp simd
+    for (int i = 0; i < n; ++i) dst[i] = encode_fp8<Fmt>(buf[i] * inv);
+  }
+}
+
+#ifdef __AVX2__
+// Full groups with AVX2: 16 vectors of 8 lanes, read twice from L1 (amax, then encode), stored as
+// 32-byte blocks of codes.
+template <typename In>
+VIE_INLINE __m256 load8(const In* p);
+template <>
+VIE_INLINE __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+template <>
+VIE_INLINE __m256 load8<c10::Half>(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+template <>
+VIE_INLINE __m256 load8<float>(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+
+VIE_INLINE __m256i splat(int32_t v) { return _mm256_set1_epi32(v); }
+
+// encode_fp8 on 8 lanes. Unchecked lanes must be finite with |q| >= the smallest normal fp8 value;
+// Checked handles everything (subnormals, NaN) like the scalar encoder.
+template <typename Fmt, bool Checked>
+VIE_INLINE __m256i encode8(__m256 q) {
+  constexpr int kDrop = 23 - Fmt::kMant;
+  const __m256i bits = _mm256_castps_si256(q);
+  const __m256i mag = _mm256_and_si256(bits, splat(0x7FFFFFFF));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, kDrop), splat(1));
+  __m256i code = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mag, splat((1 << (kDrop - 1)) - 1)), odd), kDrop);
+  code = _mm256_min_epi32(_mm256_sub_epi32(code, splat((127 - Fmt::kBias) << Fmt::kMant)), splat(Fmt::kMaxCode));
+  if constexpr (Checked) {
+    constexpr int32_t kMagicBits = int32_t(127 + 23 + 1 - Fmt::kBias - Fmt::kMant) << 23;
+    const __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(mag), _mm256_castsi256_ps(splat(kMagicBits)));
+    const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(sum), splat(kMagicBits));
+    code = _mm256_blendv_epi8(code, sub, _mm256_cmpgt_epi32(splat(int32_t(Fmt::kMinNormalBits)), mag));
+  }
+  code = _mm256_or_si256(code, _mm256_srli_epi32(_mm256_and_si256(bits, splat(int32_t(0x80000000u))), 24));
+  if constexpr (Checked) {
+    code = _mm256_blendv_epi8(code, splat(kNanCode), _mm256_cmpgt_epi32(mag, splat(0x7F800000)));
+  }
+  return code;
+}
+
+VIE_INLINE int32_t hmax(__m256i v) {
+  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+  return _mm_cvtsi128_si32(m);
+}
+VIE_INLINE int32_t hmin(__m256i v) {
+  __m128i m = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+  m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+  return _mm_cvtsi128_si32(m);
+}
+
+template <typename In, typename Fmt, ScaleRule Rule, bool Checked>
+VIE_INLINE void encode_group_avx2(const In* __restrict src, uint8_t* __restrict dst, const GroupScale& gs) {
+  const __m256 factor = _mm256_set1_ps(Rule == ScaleRule::kStandard ? gs.divisor : gs.multiplier);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int i = 0; i < kGroupSize; i += 32) {
+    __m256i c[4];
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = load8(src + i + 8 * k);
+      const __m256 q = Rule == ScaleRule::kStandard ? _mm256_div_ps(v, factor) : _mm256_mul_ps(v, factor);
+      c[k] = encode8<Fmt, Checked>(q);
+    }
+    // Codes are 0..255: the signed 32->16 and unsigned 16->8 packs are exact; the permute undoes
+    // their per-128-bit-lane interleave.
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+}
+
+template <typename In, typename Fmt, ScaleRule Rule>
+VIE_INLINE void quantize_group_avx2(const In* __restrict src, uint8_t* __restrict dst, float* scale_f32,
+                                    uint8_t* scale_e8m0) {
+  // Adding 2^23 to a magnitude keeps finite values positive and turns Inf/NaN negative, so one signed
+  // max gives the finite amax and the sign bits of an OR tell whether any element was not finite.
+  const __m256i bias = splat(0x00800000);
+  __m256i acc = bias, any_nonfinite = _mm256_setzero_si256(), min_mag = splat(0x7FFFFFFF);
+  for (int i = 0; i < kGroupSize; i += 8) {
+    const __m256i mag = _mm256_and_si256(_mm256_castps_si256(load8(src + i)), splat(0x7FFFFFFF));
+    const __m256i t = _mm256_add_epi32(mag, bias);
+    acc = _mm256_max_epi32(acc, t);
+    any_nonfinite = _mm256_or_si256(any_nonfinite, t);
+    min_mag = _mm256_min_epi32(min_mag, mag);
+  }
+  const uint32_t amax = uint32_t(hmax(acc) - 0x00800000);
+  const GroupScale gs = group_scale<Fmt, Rule>(amax);
+  if (Rule == ScaleRule::kStandard && gs.divisor == 0.0f) {
+    quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
+    return;
+  }
+  store_scale<Fmt, Rule>(gs, scale_f32, scale_e8m0);
+  // Scaling is monotonic, so if the smallest magnitude lands in fp8's normal range, all do.
+  const float min_q = Rule == ScaleRule::kStandard ? bits_f32(uint32_t(hmin(min_mag))) / gs.divisor
+                                                   : bits_f32(uint32_t(hmin(min_mag))) * gs.multiplier;
+  const bool simple = _mm256_movemask_ps(_mm256_castsi256_ps(any_nonfinite)) == 0 &&
+                      f32_bits(min_q) >= Fmt::kMinNormalBits;
+  if (simple) {
+    encode_group_avx2<In, Fmt, Rule, false>(src, dst, gs);
+  } else {
+    encode_group_avx2<In, Fmt, Rule, true>(src, dst, gs);
+  }
+}
+#endif  // __AVX2__
+
+template <typename In, typename Fmt, ScaleRule Rule>
+VIE_INLINE void quantize_full_group(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0) {
+#ifdef __AVX2__
+  quantize_group_avx2<In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0);
+#else
+  quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
+#endif
+}
+
+// Pins the SSE floating-point environment for the kernel's arithmetic: round to nearest even, no
+// flush-to-zero or denormals-are-zero (torch.set_flush_denormal(True) sets both), exceptions masked.
+class IeeeFpEnv {
+ public:
+#if defined(__SSE__)
+  IeeeFpEnv() : saved_(_mm_getcsr()) { _mm_setcsr(0x1F80); }
+  ~IeeeFpEnv() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+template <typename In, typename Fmt, ScaleRule Rule, typename Slot>
+void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping) {
+  const int64_t d = x.size(-1);
+  const int64_t rows = x.numel() / d;
+  const int64_t groups = (d + kGroupSize - 1) / kGroupSize;
+  const int64_t full_groups = d / kGroupSize;
+  const int tail = int(d - full_groups * kGroupSize);
+  const int64_t n_slots = cache.numel() / d;
+  const In* xp = static_cast<const In*>(x.const_data_ptr());
+  const Slot* sp = slot_mapping.const_data_ptr<Slot>();
+  uint8_t* cp = static_cast<uint8_t*>(cache.data_ptr());
+  float* sf = Rule == ScaleRule::kStandard ? static_cast<float*>(scale.data_ptr()) : nullptr;
+  uint8_t* se = Rule == ScaleRule::kStandard ? nullptr : static_cast<uint8_t*>(scale.data_ptr());
+  // ~64K elements per task: below that a thread wake-up costs more than it saves.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const IeeeFpEnv fp_env;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = int64_t(sp[r]);
+      if (s < 0 || s >= n_slots) continue;
+      const In* src = xp + r * d;
+      uint8_t* dst = cp + s * d;
+      const int64_t so = s * groups;
+      for (int64_t g = 0; g < full_groups; ++g) {
+        quantize_full_group<In, Fmt, Rule>(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr,
+                                           se ? se + so + g : nullptr);
+      }
+      if (tail) {
+        const int64_t g = full_groups;
+        quantize_group_generic<In, Fmt, Rule>(src + g * kGroupSize, tail, dst + g * kGroupSize,
+                                              sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
+      }
+    }
+  });
+}
+
+template <typename In, typename Fmt, ScaleRule Rule>
+void dispatch_slots(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl) {
+  if (sl.scalar_type() == at::kLong) {
+    run<In, Fmt, Rule, int64_t>(c, s, x, sl);
+  } else {
+    run<In, Fmt, Rule, int32_t>(c, s, x, sl);
+  }
+}
+
+template <typename In, typename Fmt>
+void dispatch_rule(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
+                   int64_t quant_mode, bool round_scale) {
+  if (quant_mode == 1) {
+    dispatch_slots<In, Fmt, ScaleRule::kStandard>(c, s, x, sl);
+  } else if (round_scale) {
+    dispatch_slots<In, Fmt, ScaleRule::kMxCeil>(c, s, x, sl);
+  } else {
+    dispatch_slots<In, Fmt, ScaleRule::kMxFloor>(c, s, x, sl);
+  }
+}
+
+template <typename In>
+void dispatch_fmt(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
+                  int64_t quant_mode, bool round_scale) {
+  if (c.scalar_type() == at::kFloat8_e4m3fn) {
+    dispatch_rule<In, E4M3>(c, s, x, sl, quant_mode, round_scale);
+  } else {
+    dispatch_rule<In, E5M2>(c, s, x, sl, quant_mode, round_scale);
+  }
+}
+
+void indexer_compress_epilog_cpu(at::Tensor cache, at::Tensor scale, const at::Tensor& x,
+                                 const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
+  // Internal invariants only: user-facing validation lives in vllm_indexer_epilog/validation.py.
+  TORCH_CHECK(cache.is_contiguous() && scale.is_contiguous() && x.is_contiguous() && slot_mapping.is_contiguous(),
+              "indexer_compress_epilog_cpu: tensors must be contiguous");
+  TORCH_CHECK(cache.scalar_type() == at::kFloat8_e4m3fn || cache.scalar_type() == at::kFloat8_e5m2,
+              "indexer_compress_epilog_cpu: unsupported cache dtype");
+  TORCH_CHECK(quant_mode == 0 || quant_mode == 1, "indexer_compress_epilog_cpu: quant_mode must be 0 or 1");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt,
+              "indexer_compress_epilog_cpu: slot_mapping must be int32 or int64");
+  if (x.numel() == 0) return;
+  switch (x.scalar_type()) {
+    case at::kBFloat16:
+      return dispatch_fmt<c10::BFloat16>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+    case at::kHalf:
+      return dispatch_fmt<c10::Half>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+    case at::kFloat:
+      return dispatch_fmt<float>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+    default:
+      TORCH_CHECK(false, "indexer_compress_epilog_cpu: unsupported x dtype");
+  }
+}
+
+}  // namespace
+}  // namespace vie
+
+TORCH_LIBRARY(vllm_indexer_epilog_cpu, m) {
+  m.def(
+      "quantize_scatter(Tensor(a!) cache, Tensor(b!) scale, Tensor x, Tensor slot_mapping, int quant_mode, "
+      "bool round_scale) -> ()");
+  m.impl("quantize_scatter", c10::DispatchKey::CPU, TORCH_FN(vie::indexer_compress_epilog_cpu));
+}

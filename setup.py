@@ -1,0 +1,20 @@
+"""Packs csrc/ into wheels as vllm_indexer_epilog/_csrc, where cpu_kernel.py looks when not run from a checkout."""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithCsrc(build_py):
+    def run(self) -> None:
+        super().run()
+        target = Path(self.build_lib) / "vllm_indexer_epilog" / "_csrc"
+        target.mkdir(parents=True, exist_ok=True)
+        for src in (Path(__file__).parent / "csrc").iterdir():
+            if src.suffix in (".cpp", ".h"):
+                shutil.copy2(src, target / src.name)
+
+
+setup(cmdclass={"build_py": BuildPyWithCsrc})

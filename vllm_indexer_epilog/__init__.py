@@ -1,0 +1,44 @@
+"""vllm-indexer-epilog: `custom.indexer_compress_epilog`, the FP8 KV-cache write of sparse-attention indexers.
+
+Importing the package registers the op (see registration.py). It needs torch only; vLLM glue is
+loaded by the plugin entry point, never from here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dequant import dequantize
+from .reference import reference_indexer_compress_epilog
+from .registration import register as _register
+from .spec import GROUP_SIZE, QUANT_MODE_MX, QUANT_MODE_STANDARD, num_groups
+
+_register()
+
+__all__ = [
+    "GROUP_SIZE",
+    "QUANT_MODE_MX",
+    "QUANT_MODE_STANDARD",
+    "dequantize",
+    "indexer_compress_epilog",
+    "num_groups",
+    "reference_indexer_compress_epilog",
+]
+
+
+def indexer_compress_epilog(
+    indexer_compress_cache: torch.Tensor,
+    indexer_compress_scale: torch.Tensor,
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    quant_mode: int = QUANT_MODE_STANDARD,
+    round_scale: bool = True,
+) -> None:
+    """Quantize each row of `x` per 128-group to FP8 and scatter codes and scales to `slot_mapping` rows.
+
+    Equivalent to `torch.ops.custom.indexer_compress_epilog(...)`; see shared/SPEC.md for the contract.
+    """
+    torch.ops.custom.indexer_compress_epilog(
+        indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale
+    )

@@ -10,9 +10,11 @@ resident memory the call adds beyond its inputs and outputs.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,39 +68,73 @@ def memcpy_gbs(nbytes: int = 256 << 20) -> float:
     return 2 * nbytes / t / 1e9
 
 
+CONFIGS_FULL = [(t, d, mode) for d in (128, 4096) for t in (1, 64, 4096, 16384) for mode in (1, 0)]
+CONFIGS_QUICK = [(t, d, mode) for d in (128, 4096) for t in (1, 64, 1024) for mode in (1, 0)]
+
+
+def _calls(t: int, d: int, mode: int):
+    cache, scale, x, slots = make_inputs(t, d, quant_mode=mode)
+    kw = dict(quant_mode=mode, round_scale=True)
+    op = lambda: torch.ops.custom.indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
+    ref = lambda: reference_indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
+    return (cache, scale, x, slots), op, ref
+
+
+def peak_memory_table(configs: list[tuple[int, int, int]]) -> None:
+    """Child process: print {config: [op MiB, ref MiB]} as JSON."""
+    out = {}
+    for t, d, mode in configs:
+        _, op, ref = _calls(t, d, mode)
+        op(), ref()  # first-use work (kernel load, lazy init) is not the call's memory
+        out[f"{t},{d},{mode}"] = [peak_extra_mib(op), peak_extra_mib(ref)]
+    print(json.dumps(out))
+
+
+def measure_peak_memory(quick: bool) -> dict[str, list[float]]:
+    # Large buffers must be unmapped when freed, or the RSS high-water mark cannot see temporaries:
+    # glibc otherwise keeps freed memory resident. That setting slows allocation, so it is confined to
+    # a child process and the timings stay unaffected.
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+    cmd = [sys.executable, __file__, "--peak-memory-json"] + (["--quick"] if quick else [])
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    ap.add_argument("--peak-memory-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    configs = CONFIGS_QUICK if args.quick else CONFIGS_FULL
+    if args.peak_memory_json:
+        peak_memory_table(configs)
+        return
     torch.manual_seed(0)
     copy_bw = memcpy_gbs()
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads; memcpy (read+write) {copy_bw:.1f} GB/s", flush=True)
-    ts = [1, 64, 1024] if args.quick else [1, 64, 4096, 16384]
+    head = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; memcpy (read+write) {copy_bw:.1f} GB/s")
+    print("# " + head, flush=True)
     rows = []
-    for d in (128, 4096):
-        for t in ts:
-            for mode in (1, 0):
-                cache, scale, x, slots = make_inputs(t, d, quant_mode=mode)
-                kw = dict(quant_mode=mode, round_scale=True)
-                op = lambda: torch.ops.custom.indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
-                ref = lambda: reference_indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
-                t_op = median_time(op)
-                t_ref = median_time(ref, min_reps=3, budget_s=0.5)
-                gbs = bytes_moved(cache, scale, x, slots) / t_op / 1e9
-                rows.append({
-                    "T": t, "d": d, "mode": "standard" if mode == 1 else "MX",
-                    "time (us)": f"{t_op * 1e6:.1f}", "GB/s": f"{gbs:.2f}",
-                    "vs memcpy": f"{gbs / copy_bw:.0%}", "vs eager ref": f"{t_ref / t_op:.1f}x",
-                    "peak extra (MiB)": f"{peak_extra_mib(op):.1f}",
-                    "ref peak extra (MiB)": f"{peak_extra_mib(ref):.1f}",
-                })
-                del cache, scale, x, slots
-    cols = list(rows[0])
-    table = print_table(rows, cols)
+    for t, d, mode in configs:
+        tensors, op, ref = _calls(t, d, mode)
+        t_op = median_time(op)
+        t_ref = median_time(ref, min_reps=3, budget_s=0.5)
+        gbs = bytes_moved(*tensors) / t_op / 1e9
+        rows.append({
+            "T": t, "d": d, "mode": "standard" if mode == 1 else "MX",
+            "time (us)": f"{t_op * 1e6:.1f}", "GB/s": f"{gbs:.2f}",
+            "vs memcpy": f"{gbs / copy_bw:.0%}", "vs eager ref": f"{t_ref / t_op:.1f}x",
+        })
+        del tensors, op, ref
+    peaks = measure_peak_memory(args.quick)
+    for r in rows:
+        op_mib, ref_mib = peaks[f"{r['T']},{r['d']},{1 if r['mode'] == 'standard' else 0}"]
+        r["peak extra (MiB)"] = f"{op_mib:.1f}"
+        r["ref peak extra (MiB)"] = f"{ref_mib:.1f}"
+    table = print_table(rows, list(rows[0]))
     if args.out:
-        args.out.write_text(f"memcpy (read+write) {copy_bw:.1f} GB/s\n\n{table}\n")
+        args.out.write_text(f"{head}\n\n{table}\n")
 
 
 if __name__ == "__main__":

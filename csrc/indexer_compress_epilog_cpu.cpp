@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #if defined(__SSE__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -166,7 +167,8 @@ VIE_INLINE int32_t hmin(__m256i v) {
 }
 
 template <typename In, typename Fmt, ScaleRule Rule, bool Checked>
-VIE_INLINE void encode_group_avx2(const In* __restrict src, uint8_t* __restrict dst, const GroupScale& gs) {
+VIE_INLINE void encode_group_avx2(const In* __restrict src, uint8_t* __restrict dst, const GroupScale& gs,
+                                  bool stream) {
   const __m256 factor = _mm256_set1_ps(Rule == ScaleRule::kStandard ? gs.divisor : gs.multiplier);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int i = 0; i < kGroupSize; i += 32) {
@@ -179,48 +181,91 @@ VIE_INLINE void encode_group_avx2(const In* __restrict src, uint8_t* __restrict 
     // Codes are 0..255: the signed 32->16 and unsigned 16->8 packs are exact; the permute undoes
     // their per-128-bit-lane interleave.
     const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_permutevar8x32_epi32(bytes, order));
+    const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, order);
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
+    }
+  }
+}
+
+// What the encode pass needs to know about a group's inputs, as float32 bits.
+struct GroupStats {
+  uint32_t amax_bits;  // max |x| over finite elements (0 if none)
+  uint32_t min_bits;   // min |x| over all elements
+  bool nonfinite;      // any Inf or NaN
+};
+
+// Adding 2^k (k: the format's lowest exponent bit) to a magnitude keeps finite values positive and
+// turns Inf/NaN negative, so one signed max gives the finite amax and the sign bits of an OR tell
+// whether any element was not finite.
+template <typename In>
+VIE_INLINE GroupStats group_stats_avx2(const In* __restrict src) {
+  if constexpr (std::is_same_v<In, float>) {
+    const __m256i bias = splat(0x00800000);
+    __m256i acc = bias, any = _mm256_setzero_si256(), mn = splat(0x7FFFFFFF);
+    for (int i = 0; i < kGroupSize; i += 8) {
+      const __m256i mag = _mm256_and_si256(_mm256_castps_si256(load8(src + i)), splat(0x7FFFFFFF));
+      const __m256i t = _mm256_add_epi32(mag, bias);
+      acc = _mm256_max_epi32(acc, t);
+      any = _mm256_or_si256(any, t);
+      mn = _mm256_min_epi32(mn, mag);
+    }
+    return {uint32_t(hmax(acc) - 0x00800000), uint32_t(hmin(mn)), _mm256_movemask_ps(_mm256_castsi256_ps(any)) != 0};
+  } else {
+    // 16-bit inputs: magnitudes order like their bits too, so the pass runs on raw bits, 16 lanes at a
+    // time, and only the two results are widened.
+    constexpr int16_t kBias = std::is_same_v<In, c10::BFloat16> ? 0x0080 : 0x0400;
+    const __m256i bias = _mm256_set1_epi16(kBias), abs_mask = _mm256_set1_epi16(0x7FFF);
+    __m256i acc = bias, any = _mm256_setzero_si256(), mn = abs_mask;
+    for (int i = 0; i < kGroupSize; i += 16) {
+      const __m256i mag = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), abs_mask);
+      const __m256i t = _mm256_add_epi16(mag, bias);
+      acc = _mm256_max_epi16(acc, t);
+      any = _mm256_or_si256(any, t);
+      mn = _mm256_min_epi16(mn, mag);
+    }
+    // Reduce 16 lanes: widen to 32 bits (values are non-negative after removing the bias) and reuse hmax.
+    const __m256i lo_mask = splat(0xFFFF);
+    const __m256i acc32 = _mm256_max_epi32(_mm256_and_si256(acc, lo_mask), _mm256_srli_epi32(acc, 16));
+    const __m256i mn32 = _mm256_min_epi32(_mm256_and_si256(mn, lo_mask), _mm256_srli_epi32(mn, 16));
+    const uint16_t amax16 = uint16_t(hmax(acc32) - kBias), min16 = uint16_t(hmin(mn32));
+    const bool nonfinite = (_mm256_movemask_epi8(any) & 0xAAAAAAAA) != 0;  // sign bits sit in odd bytes
+    In a, m;
+    a.x = amax16;
+    m.x = min16;
+    return {f32_bits(to_f32(a)), f32_bits(to_f32(m)), nonfinite};
   }
 }
 
 template <typename In, typename Fmt, ScaleRule Rule>
 VIE_INLINE void quantize_group_avx2(const In* __restrict src, uint8_t* __restrict dst, float* scale_f32,
-                                    uint8_t* scale_e8m0) {
-  // Adding 2^23 to a magnitude keeps finite values positive and turns Inf/NaN negative, so one signed
-  // max gives the finite amax and the sign bits of an OR tell whether any element was not finite.
-  const __m256i bias = splat(0x00800000);
-  __m256i acc = bias, any_nonfinite = _mm256_setzero_si256(), min_mag = splat(0x7FFFFFFF);
-  for (int i = 0; i < kGroupSize; i += 8) {
-    const __m256i mag = _mm256_and_si256(_mm256_castps_si256(load8(src + i)), splat(0x7FFFFFFF));
-    const __m256i t = _mm256_add_epi32(mag, bias);
-    acc = _mm256_max_epi32(acc, t);
-    any_nonfinite = _mm256_or_si256(any_nonfinite, t);
-    min_mag = _mm256_min_epi32(min_mag, mag);
-  }
-  const uint32_t amax = uint32_t(hmax(acc) - 0x00800000);
-  const GroupScale gs = group_scale<Fmt, Rule>(amax);
+                                    uint8_t* scale_e8m0, bool stream) {
+  const GroupStats st = group_stats_avx2(src);
+  const GroupScale gs = group_scale<Fmt, Rule>(st.amax_bits);
   if (Rule == ScaleRule::kStandard && gs.divisor == 0.0f) {
     quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
     return;
   }
   store_scale<Fmt, Rule>(gs, scale_f32, scale_e8m0);
   // Scaling is monotonic, so if the smallest magnitude lands in fp8's normal range, all do.
-  const float min_q = Rule == ScaleRule::kStandard ? bits_f32(uint32_t(hmin(min_mag))) / gs.divisor
-                                                   : bits_f32(uint32_t(hmin(min_mag))) * gs.multiplier;
-  const bool simple = _mm256_movemask_ps(_mm256_castsi256_ps(any_nonfinite)) == 0 &&
-                      f32_bits(min_q) >= Fmt::kMinNormalBits;
+  const float min_q = Rule == ScaleRule::kStandard ? bits_f32(st.min_bits) / gs.divisor
+                                                   : bits_f32(st.min_bits) * gs.multiplier;
+  const bool simple = !st.nonfinite && f32_bits(min_q) >= Fmt::kMinNormalBits;
   if (simple) {
-    encode_group_avx2<In, Fmt, Rule, false>(src, dst, gs);
+    encode_group_avx2<In, Fmt, Rule, false>(src, dst, gs, stream);
   } else {
-    encode_group_avx2<In, Fmt, Rule, true>(src, dst, gs);
+    encode_group_avx2<In, Fmt, Rule, true>(src, dst, gs, stream);
   }
 }
 #endif  // __AVX2__
 
 template <typename In, typename Fmt, ScaleRule Rule>
-VIE_INLINE void quantize_full_group(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0) {
+VIE_INLINE void quantize_full_group(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0,
+                                    [[maybe_unused]] bool stream) {
 #ifdef __AVX2__
-  quantize_group_avx2<In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0);
+  quantize_group_avx2<In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0, stream);
 #else
   quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
 #endif
@@ -239,6 +284,20 @@ class IeeeFpEnv {
 #endif
 };
 
+// Streaming stores are weakly ordered: fence them before the task reports completion.
+class StoreFence {
+ public:
+  explicit StoreFence(bool active) : active_(active) {}
+  ~StoreFence() {
+#if defined(__SSE__)
+    if (active_) _mm_sfence();
+#endif
+  }
+
+ private:
+  bool active_;
+};
+
 template <typename In, typename Fmt, ScaleRule Rule, typename Slot>
 void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping) {
   const int64_t d = x.size(-1);
@@ -254,8 +313,12 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   uint8_t* se = Rule == ScaleRule::kStandard ? nullptr : static_cast<uint8_t*>(scale.data_ptr());
   // ~64K elements per task: below that a thread wake-up costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
+  // Large writes bypass the caches (no read-for-ownership of cache rows that are overwritten whole);
+  // small ones stay cached for the attention read that follows. Streaming stores need 32-byte rows.
+  const bool stream = rows * d >= (int64_t(1) << 20) && d % 32 == 0 && reinterpret_cast<uintptr_t>(cp) % 32 == 0;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const IeeeFpEnv fp_env;
+    const StoreFence fence(stream);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t s = int64_t(sp[r]);
       if (s < 0 || s >= n_slots) continue;
@@ -264,7 +327,7 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
       const int64_t so = s * groups;
       for (int64_t g = 0; g < full_groups; ++g) {
         quantize_full_group<In, Fmt, Rule>(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr,
-                                           se ? se + so + g : nullptr);
+                                           se ? se + so + g : nullptr, stream);
       }
       if (tail) {
         const int64_t g = full_groups;

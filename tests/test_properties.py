@@ -65,7 +65,7 @@ def check_against_reference(fn, device: str, p: dict) -> None:
     np.testing.assert_array_equal(as_bytes(scale), as_bytes(want_scale), err_msg=f"scale differs for {p}")
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_d=5000, max_t=300))
 def test_cpu_kernel_matches_reference(p: dict) -> None:
     fn, device = BACKENDS["cpu_kernel"]
@@ -73,8 +73,8 @@ def test_cpu_kernel_matches_reference(p: dict) -> None:
 
 
 # The interpreter runs each Triton program in numpy: fewer and smaller problems keep this in budget.
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems(max_d=1200, max_t=48))
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(max_d=5000, max_t=64))
 def test_triton_matches_reference(p: dict) -> None:
     if "triton" not in BACKENDS:
         import pytest

@@ -130,16 +130,18 @@ VIE_INLINE __m256 load8<float>(const float* p) {
 
 VIE_INLINE __m256i splat(int32_t v) { return _mm256_set1_epi32(v); }
 
-// encode_fp8 on 8 lanes. Unchecked lanes must be finite with |q| >= the smallest normal fp8 value;
-// Checked handles everything (subnormals, NaN) like the scalar encoder.
-template <typename Fmt, bool Checked>
+// encode_fp8 on 8 lanes. Checked handles everything (subnormals, NaN) like the scalar encoder; without
+// it, lanes must be finite with |q| >= the smallest normal fp8 value. Without Saturate, lanes must also
+// have |q| <= FMAX.
+template <typename Fmt, bool Checked, bool Saturate>
 VIE_INLINE __m256i encode8(__m256 q) {
   constexpr int kDrop = 23 - Fmt::kMant;
   const __m256i bits = _mm256_castps_si256(q);
   const __m256i mag = _mm256_and_si256(bits, splat(0x7FFFFFFF));
   const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, kDrop), splat(1));
   __m256i code = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mag, splat((1 << (kDrop - 1)) - 1)), odd), kDrop);
-  code = _mm256_min_epi32(_mm256_sub_epi32(code, splat((127 - Fmt::kBias) << Fmt::kMant)), splat(Fmt::kMaxCode));
+  code = _mm256_sub_epi32(code, splat((127 - Fmt::kBias) << Fmt::kMant));
+  if constexpr (Saturate) code = _mm256_min_epi32(code, splat(Fmt::kMaxCode));
   if constexpr (Checked) {
     constexpr int32_t kMagicBits = int32_t(127 + 23 + 1 - Fmt::kBias - Fmt::kMant) << 23;
     const __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(mag), _mm256_castsi256_ps(splat(kMagicBits)));
@@ -166,22 +168,41 @@ VIE_INLINE int32_t hmin(__m256i v) {
   return _mm_cvtsi128_si32(m);
 }
 
-template <typename In, typename Fmt, ScaleRule Rule, bool Checked>
+// Codes for 16 inputs as two float vectors whose lanes the 32->16-bit pack puts back in order.
+// bf16 widens by interleaving zero halves (one op per 8 lanes); the interleave's lane order is exactly
+// undone by _mm256_packs_epi32, which works within 128-bit lanes too.
+template <typename In>
+VIE_INLINE void load16(const In* p, __m256& a, __m256& b) {
+  if constexpr (std::is_same_v<In, c10::BFloat16>) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+    b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+  } else {
+    // The pack below interleaves 128-bit lanes of its two inputs: give it [0-3 | 8-11] and [4-7 | 12-15].
+    const __m256 lo = load8(p), hi = load8(p + 8);
+    a = _mm256_permute2f128_ps(lo, hi, 0x20);
+    b = _mm256_permute2f128_ps(lo, hi, 0x31);
+  }
+}
+
+template <typename In, typename Fmt, ScaleRule Rule, bool Checked, bool Saturate>
 VIE_INLINE void encode_group_avx2(const In* __restrict src, uint8_t* __restrict dst, const GroupScale& gs,
                                   bool stream) {
   const __m256 factor = _mm256_set1_ps(Rule == ScaleRule::kStandard ? gs.divisor : gs.multiplier);
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  auto scaled = [&](__m256 v) {
+    return Rule == ScaleRule::kStandard ? _mm256_div_ps(v, factor) : _mm256_mul_ps(v, factor);
+  };
   for (int i = 0; i < kGroupSize; i += 32) {
-    __m256i c[4];
-    for (int k = 0; k < 4; ++k) {
-      const __m256 v = load8(src + i + 8 * k);
-      const __m256 q = Rule == ScaleRule::kStandard ? _mm256_div_ps(v, factor) : _mm256_mul_ps(v, factor);
-      c[k] = encode8<Fmt, Checked>(q);
-    }
-    // Codes are 0..255: the signed 32->16 and unsigned 16->8 packs are exact; the permute undoes
-    // their per-128-bit-lane interleave.
-    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-    const __m256i ordered = _mm256_permutevar8x32_epi32(bytes, order);
+    __m256 a0, b0, a1, b1;
+    load16(src + i, a0, b0);
+    load16(src + i + 16, a1, b1);
+    // Each packs_epi32 yields 16 codes in order; packus_epi16 then interleaves the two by 128-bit lane,
+    // which the 64-bit permute undoes. Codes are 0..255, so both packs are exact.
+    const __m256i p0 = _mm256_packs_epi32(encode8<Fmt, Checked, Saturate>(scaled(a0)),
+                                          encode8<Fmt, Checked, Saturate>(scaled(b0)));
+    const __m256i p1 = _mm256_packs_epi32(encode8<Fmt, Checked, Saturate>(scaled(a1)),
+                                          encode8<Fmt, Checked, Saturate>(scaled(b1)));
+    const __m256i ordered = _mm256_permute4x64_epi64(_mm256_packus_epi16(p0, p1), 0xD8);
     if (stream) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
     } else {
@@ -252,11 +273,15 @@ VIE_INLINE void quantize_group_avx2(const In* __restrict src, uint8_t* __restric
   // Scaling is monotonic, so if the smallest magnitude lands in fp8's normal range, all do.
   const float min_q = Rule == ScaleRule::kStandard ? bits_f32(st.min_bits) / gs.divisor
                                                    : bits_f32(st.min_bits) * gs.multiplier;
+  const float max_q = Rule == ScaleRule::kStandard ? bits_f32(st.amax_bits) / gs.divisor
+                                                   : bits_f32(st.amax_bits) * gs.multiplier;
   const bool simple = !st.nonfinite && f32_bits(min_q) >= Fmt::kMinNormalBits;
-  if (simple) {
-    encode_group_avx2<In, Fmt, Rule, false>(src, dst, gs, stream);
+  if (!simple) {
+    encode_group_avx2<In, Fmt, Rule, true, true>(src, dst, gs, stream);
+  } else if (f32_bits(max_q) > Fmt::kFmaxBits) {  // only the OCP floor rule gets here
+    encode_group_avx2<In, Fmt, Rule, false, true>(src, dst, gs, stream);
   } else {
-    encode_group_avx2<In, Fmt, Rule, true>(src, dst, gs, stream);
+    encode_group_avx2<In, Fmt, Rule, false, false>(src, dst, gs, stream);
   }
 }
 #endif  // __AVX2__

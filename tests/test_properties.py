@@ -92,3 +92,15 @@ def test_large_rows_cpu_kernel_threads() -> None:
              "mode": mode, "slot_dtype": torch.int64, "slot_style": "with_skips", "specials": 20, "seed": 100 + i,
              "paged": True}
         check_against_reference(fn, device, p)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(max_d=5000, max_t=300))
+def test_cuda_op_matches_reference(p: dict) -> None:
+    """The op through the dispatcher on a GPU (Triton backend), when one is present."""
+    if "cuda_op" not in BACKENDS:
+        import pytest
+
+        pytest.skip("needs a CUDA device")
+    fn, device = BACKENDS["cuda_op"]
+    check_against_reference(fn, device, p)

@@ -111,28 +111,38 @@ def main() -> None:
         peak_memory_table(configs)
         return
     torch.manual_seed(0)
-    copy_bw = memcpy_gbs()
-    head = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; memcpy (read+write) {copy_bw:.1f} GB/s")
-    print("# " + head, flush=True)
+    # This VM's memory bandwidth drifts by tens of percent: memcpy is measured at the start, middle and
+    # end, and ratios use the best of the three (the conservative ceiling).
+    copy_samples = [memcpy_gbs()]
     rows = []
-    for t, d, mode in configs:
+    for i, (t, d, mode) in enumerate(configs):
+        if i == len(configs) // 2:
+            copy_samples.append(memcpy_gbs())
         tensors, op, ref = _calls(t, d, mode)
         t_op = median_time(op)
         t_ref = median_time(ref, min_reps=3, budget_s=0.5)
-        gbs = bytes_moved(*tensors) / t_op / 1e9
         rows.append({
             "T": t, "d": d, "mode": "standard" if mode == 1 else "MX",
-            "time (us)": f"{t_op * 1e6:.1f}", "GB/s": f"{gbs:.2f}",
-            "vs memcpy": f"{gbs / copy_bw:.0%}", "vs eager ref": f"{t_ref / t_op:.1f}x",
+            "time (us)": f"{t_op * 1e6:.1f}", "GB/s": bytes_moved(*tensors) / t_op / 1e9,
+            "vs eager ref": f"{t_ref / t_op:.1f}x",
         })
         del tensors, op, ref
+    copy_samples.append(memcpy_gbs())
+    copy_bw = max(copy_samples)
+    head = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads; memcpy (read+write) {copy_bw:.1f} GB/s "
+            f"(best of {', '.join(f'{c:.1f}' for c in copy_samples)})")
+    print("# " + head, flush=True)
+    for r in rows:
+        r["vs memcpy"] = f"{r['GB/s'] / copy_bw:.0%}"
+        r["GB/s"] = f"{r['GB/s']:.2f}"
     peaks = measure_peak_memory(args.quick)
     for r in rows:
         op_mib, ref_mib = peaks[f"{r['T']},{r['d']},{1 if r['mode'] == 'standard' else 0}"]
         r["peak extra (MiB)"] = f"{op_mib:.1f}"
         r["ref peak extra (MiB)"] = f"{ref_mib:.1f}"
-    table = print_table(rows, list(rows[0]))
+    cols = ["T", "d", "mode", "time (us)", "GB/s", "vs memcpy", "vs eager ref", "peak extra (MiB)", "ref peak extra (MiB)"]
+    table = print_table(rows, cols)
     if args.out:
         args.out.write_text(f"{head}\n\n{table}\n")
 

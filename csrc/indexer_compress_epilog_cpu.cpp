@@ -420,7 +420,13 @@ void indexer_compress_epilog_cpu(at::Tensor cache, at::Tensor scale, const at::T
 }  // namespace
 }  // namespace vie
 
-TORCH_LIBRARY(vllm_indexer_epilog_cpu, m) {
+// The library name is a macro so that a second build (the portable one the tests check) can be loaded
+// beside the native one.
+#ifndef VIE_LIBRARY_NAME
+#define VIE_LIBRARY_NAME vllm_indexer_epilog_cpu
+#endif
+
+TORCH_LIBRARY(VIE_LIBRARY_NAME, m) {
   m.def(
       "quantize_scatter(Tensor(a!) cache, Tensor(b!) scale, Tensor x, Tensor slot_mapping, int quant_mode, "
       "bool round_scale) -> ()");

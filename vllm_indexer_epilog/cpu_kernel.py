@@ -19,7 +19,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = ("indexer_compress_epilog_cpu.cpp", "fp8_codec.h")
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
+LIBRARY = "vllm_indexer_epilog_cpu"
+# No -ffast-math: results must be IEEE. -fno-trapping-math only lets GCC if-convert FP operations.
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
 _lock = threading.Lock()
 _loaded: bool | None = None
 
@@ -41,11 +43,11 @@ def _cpu_flags() -> str:
         return ""
 
 
-def _build_key(src: Path) -> str:
+def _build_key(src: Path, flags: list[str]) -> str:
     h = hashlib.sha256()
     for name in _SOURCES:
         h.update((src / name).read_bytes())
-    h.update(" ".join([torch.__version__, *_CFLAGS, _cpu_flags()]).encode())
+    h.update(" ".join([torch.__version__, *flags, _cpu_flags()]).encode())
     return h.hexdigest()[:16]
 
 
@@ -58,27 +60,37 @@ def load_cpu_kernel() -> bool:
         return _loaded
 
 
-def _build_and_load() -> bool:
+def build_cpu_kernel(march: str = "native", library: str = LIBRARY) -> None:
+    """Compile (or reuse from the cache) and load the kernel as `torch.ops.<library>`.
+
+    The default is what the op uses; the tests also build `march="x86-64"` (no AVX2) under another name
+    to check the portable code path.
+    """
     from torch.utils.cpp_extension import load
 
+    src = csrc_dir()
+    flags = [*_CFLAGS, f"-march={march}", f"-DVIE_LIBRARY_NAME={library}"]
+    key = _build_key(src, flags)
+    root = Path(os.environ.get("VLLM_INDEXER_EPILOG_CACHE", Path.home() / ".cache" / "vllm_indexer_epilog"))
+    build_dir = root / f"cpu-{key}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not any(build_dir.glob("*.so")):
+        logger.warning("vllm_indexer_epilog: compiling the CPU kernel (%s) once into %s", march, build_dir)
+    load(
+        name=f"{library}_{key}",
+        sources=[str(src / _SOURCES[0])],
+        extra_cflags=flags,
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(src)],
+        build_directory=str(build_dir),
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def _build_and_load() -> bool:
     try:
-        src = csrc_dir()
-        key = _build_key(src)
-        root = Path(os.environ.get("VLLM_INDEXER_EPILOG_CACHE", Path.home() / ".cache" / "vllm_indexer_epilog"))
-        build_dir = root / f"cpu-{key}"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not any(build_dir.glob("*.so")):
-            logger.warning("vllm_indexer_epilog: compiling the CPU kernel once into %s", build_dir)
-        load(
-            name=f"vllm_indexer_epilog_cpu_{key}",
-            sources=[str(src / _SOURCES[0])],
-            extra_cflags=_CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(src)],
-            build_directory=str(build_dir),
-            is_python_module=False,
-            verbose=False,
-        )
+        build_cpu_kernel()
         return True
     except Exception as exc:  # no compiler, no ninja, read-only home, ...: stay correct, just slower
         logger.warning(

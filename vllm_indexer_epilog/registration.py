@@ -33,61 +33,50 @@ _lib: torch.library.Library | None = None
 defined_here = False
 
 
-def _reject_extra(extra: dict[str, Any]) -> None:
-    """Arguments that only a foreign schema has (Ascend's `scale` for its hifloat8 mode)."""
-    for key, value in extra.items():
-        if not (key == "scale" and value == 1.0):
-            raise ValueError(f"{key}={value!r} is not supported by the vllm_indexer_epilog kernels")
+Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool], None]
 
 
-def cpu_impl(
-    indexer_compress_cache: torch.Tensor,
-    indexer_compress_scale: torch.Tensor,
-    x: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    quant_mode: int = QUANT_MODE_STANDARD,
-    round_scale: bool = True,
-    **extra: Any,
+def as_kernel(run: Run) -> Callable[..., None]:
+    """The dispatcher-facing kernel for `run`: the op's Python signature, plus any keyword that only a
+    foreign schema has (Ascend's `scale`, for its hifloat8 mode), accepted at its default only."""
+
+    def kernel(
+        indexer_compress_cache: torch.Tensor,
+        indexer_compress_scale: torch.Tensor,
+        x: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        quant_mode: int = QUANT_MODE_STANDARD,
+        round_scale: bool = True,
+        **extra: Any,
+    ) -> None:
+        for key, value in extra.items():
+            if not (key == "scale" and value == 1.0):
+                raise ValueError(f"{key}={value!r} is not supported by the vllm_indexer_epilog kernels")
+        run(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
+
+    kernel.__name__ = kernel.__qualname__ = run.__name__
+    return kernel
+
+
+def run_reference(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
 ) -> None:
-    _reject_extra(extra)
-    p = validate_epilog_args(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
+    reference_indexer_compress_epilog(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+
+
+def run_cpu(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
     check_slot_range(slot_mapping, p.slots)
     if p.rows == 0:
         return
     from .cpu_kernel import load_cpu_kernel
 
     if load_cpu_kernel():
-        torch.ops.vllm_indexer_epilog_cpu.quantize_scatter(
-            indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale
-        )
+        torch.ops.vllm_indexer_epilog_cpu.quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
     else:
-        reference_indexer_compress_epilog(
-            indexer_compress_cache, indexer_compress_scale, x, slot_mapping,
-            quant_mode=quant_mode, round_scale=round_scale,
-        )
-
-
-def cuda_impl(
-    indexer_compress_cache: torch.Tensor,
-    indexer_compress_scale: torch.Tensor,
-    x: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    quant_mode: int = QUANT_MODE_STANDARD,
-    round_scale: bool = True,
-    **extra: Any,
-) -> None:
-    _reject_extra(extra)
-    launch = _triton_launcher()
-    if launch is not None:
-        launch(
-            indexer_compress_cache, indexer_compress_scale, x, slot_mapping,
-            quant_mode=quant_mode, round_scale=round_scale,
-        )
-    else:
-        reference_indexer_compress_epilog(
-            indexer_compress_cache, indexer_compress_scale, x, slot_mapping,
-            quant_mode=quant_mode, round_scale=round_scale,
-        )
+        run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
 
 
 @functools.cache
@@ -100,33 +89,21 @@ def _triton_launcher() -> Callable[..., None] | None:
     return triton_indexer_compress_epilog
 
 
-def reference_impl(
-    indexer_compress_cache: torch.Tensor,
-    indexer_compress_scale: torch.Tensor,
-    x: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    quant_mode: int = QUANT_MODE_STANDARD,
-    round_scale: bool = True,
-    **extra: Any,
+def run_cuda(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
 ) -> None:
-    _reject_extra(extra)
-    reference_indexer_compress_epilog(
-        indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale
-    )
+    launch = _triton_launcher()
+    if launch is None:
+        run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    else:
+        launch(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
 
 
-def fake_impl(
-    indexer_compress_cache: torch.Tensor,
-    indexer_compress_scale: torch.Tensor,
-    x: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    quant_mode: int = QUANT_MODE_STANDARD,
-    round_scale: bool = True,
-    **extra: Any,
+def run_fake(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
 ) -> None:
     # Metadata checks need no values, so tracing reports bad calls as eagerly as running them would.
-    _reject_extra(extra)
-    validate_epilog_args(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
+    validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
 
 
 def _has_schema() -> bool:
@@ -153,12 +130,11 @@ def register() -> None:
     else:
         logger.info("%s already defined (schema %s); adding only missing kernels", QUALNAME,
                     torch._C._dispatch_find_schema_or_throw(QUALNAME, "").schema)
-    kernels: tuple[tuple[str, Callable[..., None]], ...] = (("CPU", cpu_impl), ("CUDA", cuda_impl))
-    for key, fn in kernels:
+    for key, run in (("CPU", run_cpu), ("CUDA", run_cuda)):
         if not _has_kernel(key):
-            _lib.impl(OP_NAME, fn, key)
+            _lib.impl(OP_NAME, as_kernel(run), key)
     if defined_here:
         # Any other device (XPU, MPS, ...) gets the reference: slow but exact.
-        _lib.impl(OP_NAME, reference_impl, "CompositeExplicitAutograd")
+        _lib.impl(OP_NAME, as_kernel(run_reference), "CompositeExplicitAutograd")
     if not _has_kernel("Meta"):
-        torch.library.register_fake(QUALNAME, fake_impl, lib=_lib)
+        torch.library.register_fake(QUALNAME, as_kernel(run_fake), lib=_lib)

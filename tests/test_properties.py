@@ -6,6 +6,7 @@ Rows no slot names must come back with their poison untouched, so the whole cach
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,6 +49,12 @@ def make_slots(p: dict, device: str) -> torch.Tensor:
     return slots.to(p["slot_dtype"]).to(device)
 
 
+def backend_or_skip(name: str):
+    if name not in BACKENDS:
+        pytest.skip(f"backend {name} unavailable here")
+    return BACKENDS[name]
+
+
 def check_against_reference(fn, device: str, p: dict) -> None:
     quant_mode, round_scale = p["mode"]
     x = random_x(p["t"], p["d"], p["x_dtype"], p["seed"], specials=p["specials"], device=device)
@@ -76,12 +83,7 @@ def test_cpu_kernel_matches_reference(p: dict) -> None:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_d=5000, max_t=64))
 def test_triton_matches_reference(p: dict) -> None:
-    if "triton" not in BACKENDS:
-        import pytest
-
-        pytest.skip("triton not installed")
-    fn, device = BACKENDS["triton"]
-    check_against_reference(fn, device, p)
+    check_against_reference(*backend_or_skip("triton"), p)
 
 
 def test_large_rows_cpu_kernel_threads() -> None:
@@ -98,9 +100,4 @@ def test_large_rows_cpu_kernel_threads() -> None:
 @given(problems(max_d=5000, max_t=300))
 def test_cuda_op_matches_reference(p: dict) -> None:
     """The op through the dispatcher on a GPU (Triton backend), when one is present."""
-    if "cuda_op" not in BACKENDS:
-        import pytest
-
-        pytest.skip("needs a CUDA device")
-    fn, device = BACKENDS["cuda_op"]
-    check_against_reference(fn, device, p)
+    check_against_reference(*backend_or_skip("cuda_op"), p)

@@ -180,3 +180,28 @@ def test_existing_ascend_style_definition_is_kept() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", [(1, True), (0, True), (0, False)], ids=["standard", "mx_ceil", "mx_floor"])
+def test_cpu_kernel_ignores_flush_denormal(mode) -> None:
+    """torch.set_flush_denormal(True) sets FTZ/DAZ for this thread; the kernel pins IEEE behaviour for its
+    own arithmetic, so subnormal inputs and quotients still give the contract's bytes."""
+    quant_mode, round_scale = mode
+    g = torch.Generator().manual_seed(21)
+    # bf16 values down to the float32 subnormal range, and groups whose scales are tiny.
+    x = (torch.randn(64, 256, generator=g) * torch.exp2(-torch.randint(100, 140, (64, 1), generator=g).float()))
+    x = x.to(torch.bfloat16)
+    slots = torch.randperm(64, generator=g)
+    cache, scale = poisoned(64, 256, torch.float8_e4m3fn, quant_mode, seed=22)
+    want_c, want_s = cache.clone(), scale.clone()
+    from vllm_indexer_epilog.reference import reference_indexer_compress_epilog
+
+    reference_indexer_compress_epilog(want_c, want_s, x, slots, quant_mode=quant_mode, round_scale=round_scale)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        torch.ops.custom.indexer_compress_epilog(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(as_bytes(cache), as_bytes(want_c))
+    np.testing.assert_array_equal(as_bytes(scale), as_bytes(want_s))

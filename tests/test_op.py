@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -205,3 +206,35 @@ def test_cpu_kernel_ignores_flush_denormal(mode) -> None:
         torch.set_flush_denormal(False)
     np.testing.assert_array_equal(as_bytes(cache), as_bytes(want_c))
     np.testing.assert_array_equal(as_bytes(scale), as_bytes(want_s))
+
+
+def test_ascend_custom_ops_imported_first(tmp_path) -> None:
+    """With torch_npu installed, importing us first must still let Ascend's custom_ops define the op
+    (a stand-in package that defines it the way a TORCH_LIBRARY DEF would: failing if it exists)."""
+    (tmp_path / "torch_npu").mkdir()
+    (tmp_path / "torch_npu" / "__init__.py").write_text("# stand-in: only its presence matters here\n")
+    (tmp_path / "custom_ops").mkdir()
+    (tmp_path / "custom_ops" / "__init__.py").write_text(textwrap.dedent(
+        """
+        import torch
+        _lib = torch.library.Library("custom", "DEF")  # raises if the op already exists
+        _lib.define("indexer_compress_epilog(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, "
+                    "Tensor x, Tensor slot_mapping, *, int quant_mode=1, bool round_scale=True, float scale=1.0) -> ()")
+        LOADED = True
+        """
+    ))
+    code = textwrap.dedent(
+        """
+        import torch, vllm_indexer_epilog, custom_ops
+        from vllm_indexer_epilog import registration
+        assert custom_ops.LOADED and not registration.defined_here
+        assert "float scale=1." in str(torch.ops.custom.indexer_compress_epilog.default._schema)
+        cache, scale = torch.zeros(4, 128, dtype=torch.float8_e4m3fn), torch.zeros(4, 1)
+        torch.ops.custom.indexer_compress_epilog(cache, scale, torch.ones(1, 128, dtype=torch.bfloat16), torch.tensor([2]))
+        assert scale[2, 0].item() > 0
+        print("OK")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]

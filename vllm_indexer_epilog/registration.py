@@ -3,13 +3,15 @@
 Rule for a pre-existing definition: cann-recipes-infer's `custom_ops` package defines an op of the same
 qualified name for NPU, with an extra `float scale=1.0` argument. If the name exists when this module is
 imported, nothing is redefined; only kernels for dispatch keys it lacks (CPU, CUDA, Meta) are added, and
-they accept and refuse its extra argument. Importing Ascend's package first on NPU machines is the
-Ascend integration's job.
+they accept and refuse its extra argument. On a machine with torch_npu, Ascend's package is imported
+before anything is defined here, so its definition always wins and its import never fails because of us.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import logging
 from typing import Any, Callable
 
@@ -29,8 +31,24 @@ SCHEMA = (
     "*, int quant_mode=1, bool round_scale=True) -> ()"
 )
 
+ASCEND_CUSTOM_OPS_MODULE = "custom_ops"
+"""cann-recipes-infer's package that defines the compiled NPU op under the same qualified name."""
+
 _lib: torch.library.Library | None = None
 defined_here = False
+
+
+def _let_ascend_define_first() -> None:
+    """On an NPU machine, import Ascend's custom_ops before defining anything: its library defines
+    custom::indexer_compress_epilog itself and would fail to import if ours came first. Only when
+    torch_npu is installed, so that an unrelated module of that name elsewhere is never touched."""
+    if importlib.util.find_spec("torch_npu") is None or importlib.util.find_spec(ASCEND_CUSTOM_OPS_MODULE) is None:
+        return
+    try:
+        importlib.import_module(ASCEND_CUSTOM_OPS_MODULE)
+    except Exception as exc:  # a broken CANN install must not break this package
+        logger.warning("vllm_indexer_epilog: importing Ascend's %s failed (%s: %s); defining the op here",
+                       ASCEND_CUSTOM_OPS_MODULE, type(exc).__name__, exc)
 
 
 Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool], None]
@@ -123,6 +141,7 @@ def register() -> None:
     global _lib, defined_here
     if _lib is not None:
         return
+    _let_ascend_define_first()
     _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
     if not _has_schema():
         _lib.define(OP_NAME + SCHEMA)

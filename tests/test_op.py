@@ -15,6 +15,11 @@ from conftest import ROOT, as_bytes, poisoned, random_x
 from vllm_indexer_epilog import indexer_compress_epilog
 from vllm_indexer_epilog.registration import SCHEMA
 
+# cann-recipes-infer's definition of the same op: an extra `scale` for its hifloat8 mode.
+ASCEND_SCHEMA = (
+    "indexer_compress_epilog(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, "
+    "Tensor x, Tensor slot_mapping, *, int quant_mode=1, bool round_scale=True, float scale=1.0) -> ()"
+)
 EXPECTED_SCHEMA = (
     "custom::indexer_compress_epilog(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, "
     "Tensor x, Tensor slot_mapping, *, int quant_mode=1, bool round_scale=True) -> ()"
@@ -153,12 +158,11 @@ def test_public_wrapper_equals_op() -> None:
 def test_existing_ascend_style_definition_is_kept() -> None:
     """If custom::indexer_compress_epilog exists first (Ascend's custom_ops, with its extra `scale`
     argument), importing us neither crashes nor redefines it, and our CPU kernel serves it."""
-    code = textwrap.dedent(
+    code = f"ASCEND_SCHEMA = {ASCEND_SCHEMA!r}\n" + textwrap.dedent(
         """
         import torch
         lib = torch.library.Library("custom", "DEF")
-        lib.define("indexer_compress_epilog(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, "
-                   "Tensor x, Tensor slot_mapping, *, int quant_mode=1, bool round_scale=True, float scale=1.0) -> ()")
+        lib.define(ASCEND_SCHEMA)
         import vllm_indexer_epilog
         from vllm_indexer_epilog import registration
         assert not registration.defined_here
@@ -214,12 +218,11 @@ def test_ascend_custom_ops_imported_first(tmp_path) -> None:
     (tmp_path / "torch_npu").mkdir()
     (tmp_path / "torch_npu" / "__init__.py").write_text("# stand-in: only its presence matters here\n")
     (tmp_path / "custom_ops").mkdir()
-    (tmp_path / "custom_ops" / "__init__.py").write_text(textwrap.dedent(
+    (tmp_path / "custom_ops" / "__init__.py").write_text(f"ASCEND_SCHEMA = {ASCEND_SCHEMA!r}\n" + textwrap.dedent(
         """
         import torch
         _lib = torch.library.Library("custom", "DEF")  # raises if the op already exists
-        _lib.define("indexer_compress_epilog(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, "
-                    "Tensor x, Tensor slot_mapping, *, int quant_mode=1, bool round_scale=True, float scale=1.0) -> ()")
+        _lib.define(ASCEND_SCHEMA)
         LOADED = True
         """
     ))

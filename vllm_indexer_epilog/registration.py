@@ -89,10 +89,10 @@ def run_cpu(
     check_slot_range(slot_mapping, p.slots)
     if p.rows == 0:
         return
-    from .cpu_kernel import load_cpu_kernel
+    from .cpu_kernel import LIBRARY, load_cpu_kernel
 
     if load_cpu_kernel():
-        torch.ops.vllm_indexer_epilog_cpu.quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
+        getattr(torch.ops, LIBRARY).quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
     else:
         run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
 

@@ -11,6 +11,7 @@ reference measured in the same run.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -40,12 +41,16 @@ def indexer_batch(tokens: int, d: int, seed: int = 0) -> tuple[torch.Tensor, tor
     return x, slots, num_blocks
 
 
-def timed(fn, reps: int = 5) -> float:
-    fn()
-    t0 = time.perf_counter()
-    for _ in range(reps):
+def timed(fn, reps: int = 21) -> float:
+    """Median seconds per call, after warm-up calls that absorb thread-pool start and first-touch faults."""
+    for _ in range(3):
         fn()
-    return (time.perf_counter() - t0) / reps
+    samples = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
 
 
 def main() -> None:
@@ -66,7 +71,7 @@ def main() -> None:
         kw = {"quant_mode": quant_mode, "round_scale": round_scale}
         t_op = timed(lambda: indexer_compress_epilog(cache, scale, x, slots, **kw))
         ref_c, ref_s = torch.zeros_like(cache), torch.zeros_like(scale)
-        t_ref = timed(lambda: reference_indexer_compress_epilog(ref_c, ref_s, x, slots, **kw), reps=2)
+        t_ref = timed(lambda: reference_indexer_compress_epilog(ref_c, ref_s, x, slots, **kw), reps=3)
         exact = torch.equal(cache.view(torch.uint8), ref_c.view(torch.uint8)) and torch.equal(
             scale.view(torch.uint8), ref_s.view(torch.uint8))
         s = scale.reshape(-1, g).float()[slots[valid]]

@@ -38,7 +38,15 @@ def indexer_compress_epilog(
     """Quantize each row of `x` per 128-group to FP8 and scatter codes and scales to `slot_mapping` rows.
 
     Equivalent to `torch.ops.custom.indexer_compress_epilog(...)`; see shared/SPEC.md for the contract.
+    On an NPU it goes through npu_backend, which maps the call onto whichever Ascend kernel is installed
+    (torch.ops would reach Ascend's compiled op unmapped: int32 slots only).
     """
+    if x.device.type == "npu":
+        from .npu_backend import write_split
+
+        write_split(indexer_compress_cache, indexer_compress_scale, x, slot_mapping,
+                    quant_mode=quant_mode, round_scale=round_scale)
+        return
     torch.ops.custom.indexer_compress_epilog(
         indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale
     )

@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .reference import pow2
 from .spec import FP8_FORMATS, GROUP_SIZE, num_groups
+
+
+def mx_scales_to_float32(scale: torch.Tensor) -> torch.Tensor:
+    """float8_e8m0fnu scales as float32 powers of two, by bit operations (an NPU need not cast e8m0).
+
+    Exact for every byte the op writes (1..254); byte 0 would read 0 rather than 2^-127, byte 255 (NaN) +Inf.
+    """
+    return pow2(scale.view(torch.uint8).to(torch.int32) - 127)
 
 
 def dequantize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .layouts import PackedGeometry, block_rows, packed_geometry
 from .spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_STANDARD, Fp8Format
 from .validation import check_slot_range, validate_epilog_args
 
@@ -93,21 +94,33 @@ def reference_indexer_compress_epilog(
     *,
     quant_mode: int = 1,
     round_scale: bool = True,
+    packed: bool = False,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> None:
-    """The op, in plain torch: validates, checks slots strictly, then writes chunk by chunk."""
-    p = validate_epilog_args(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
+    """The op, in plain torch: validates, checks slots strictly, then writes chunk by chunk.
+
+    `packed=True` writes the two views of a packed-block buffer (layouts.py) instead of two contiguous tensors.
+    """
+    p = validate_epilog_args(
+        indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale, packed=packed
+    )
     check_slot_range(slot_mapping, p.slots)
+    # Both layouts are written through [blocks, rows per block, width] views; contiguous is one block.
+    geometry = (
+        packed_geometry(indexer_compress_cache, indexer_compress_scale)
+        if packed
+        else PackedGeometry(1, p.slots, p.dim, p.groups, 0)
+    )
+    cache3 = block_rows(indexer_compress_cache.view(torch.uint8), geometry, p.dim)
+    scale3 = indexer_compress_scale if p.quant_mode == QUANT_MODE_STANDARD else indexer_compress_scale.view(torch.uint8)
+    scale3 = block_rows(scale3, geometry, p.groups)
     slots = slot_mapping.reshape(-1).long()
     rows = torch.nonzero(slots >= 0).reshape(-1)
     x2 = x.reshape(p.rows, p.dim)
-    cache2 = indexer_compress_cache.view(torch.uint8).view(p.slots, p.dim)
-    scale2 = indexer_compress_scale.view(p.slots, p.groups)
-    if p.quant_mode != QUANT_MODE_STANDARD:
-        scale2 = scale2.view(torch.uint8)
     step = max(1, chunk_elements // (p.groups * GROUP_SIZE))
     for start in range(0, rows.numel(), step):
         r = rows[start : start + step]
         codes, scales = quantize_rows(x2.index_select(0, r), p.fmt, p.quant_mode, p.round_scale)
-        cache2.index_copy_(0, slots[r], codes)
-        scale2.index_copy_(0, slots[r], scales)
+        block, offset = slots[r].div(geometry.block_size, rounding_mode="floor"), slots[r] % geometry.block_size
+        cache3[block, offset] = codes
+        scale3[block, offset] = scales

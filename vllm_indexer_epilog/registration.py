@@ -117,6 +117,14 @@ def run_cuda(
         launch(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
 
 
+def run_npu(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    from .npu_backend import write_split
+
+    write_split(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+
+
 def run_fake(
     cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
 ) -> None:
@@ -124,7 +132,7 @@ def run_fake(
     validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
 
 
-def _has_schema() -> bool:
+def has_schema() -> bool:
     try:
         torch._C._dispatch_find_schema_or_throw(QUALNAME, "")
         return True
@@ -132,7 +140,11 @@ def _has_schema() -> bool:
         return False
 
 
-def _has_kernel(key: str) -> bool:
+def schema() -> torch.FunctionSchema:
+    return getattr(torch.ops, NAMESPACE).indexer_compress_epilog.default._schema
+
+
+def has_kernel(key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(QUALNAME, key)
 
 
@@ -143,17 +155,17 @@ def register() -> None:
         return
     _let_ascend_define_first()
     _lib = torch.library.Library(NAMESPACE, "FRAGMENT")
-    if not _has_schema():
+    if not has_schema():
         _lib.define(OP_NAME + SCHEMA)
         defined_here = True
     else:
-        logger.info("%s already defined (schema %s); adding only missing kernels", QUALNAME,
-                    torch._C._dispatch_find_schema_or_throw(QUALNAME, "").schema)
-    for key, run in (("CPU", run_cpu), ("CUDA", run_cuda)):
-        if not _has_kernel(key):
+        logger.info("%s already defined (schema %s); adding only missing kernels", QUALNAME, schema())
+    # PrivateUse1 is the NPU's key: present only when Ascend's compiled op did not claim it.
+    for key, run in (("CPU", run_cpu), ("CUDA", run_cuda), ("PrivateUse1", run_npu)):
+        if not has_kernel(key):
             _lib.impl(OP_NAME, as_kernel(run), key)
     if defined_here:
         # Any other device (XPU, MPS, ...) gets the reference: slow but exact.
         _lib.impl(OP_NAME, as_kernel(run_reference), "CompositeExplicitAutograd")
-    if not _has_kernel("Meta"):
+    if not has_kernel("Meta"):
         torch.library.register_fake(QUALNAME, as_kernel(run_fake), lib=_lib)

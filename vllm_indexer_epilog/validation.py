@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .layouts import packed_geometry
 from .spec import FP8_FORMATS, SCALE_DTYPE_BY_MODE, SLOT_DTYPES, X_DTYPES, Fp8Format, num_groups
 
 STRICT_ENV = "VLLM_INDEXER_EPILOG_STRICT"
@@ -41,8 +42,14 @@ def validate_epilog_args(
     slot_mapping: torch.Tensor,
     quant_mode: int,
     round_scale: bool,
+    *,
+    packed: bool = False,
 ) -> EpilogProblem:
-    """Raise TypeError/ValueError naming the offending argument; return the problem's sizes otherwise."""
+    """Raise TypeError/ValueError naming the offending argument; return the problem's sizes otherwise.
+
+    `packed=True` takes the cache and scale as the two views of a packed-block buffer (layouts.py)
+    instead of two contiguous tensors; every other check is the same.
+    """
     if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in SCALE_DTYPE_BY_MODE:
         raise ValueError(f"quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got {quant_mode!r}")
     if not isinstance(round_scale, bool):
@@ -73,7 +80,7 @@ def validate_epilog_args(
     for name, t in named[:2] + named[3:]:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
-    for name, t in named:
+    for name, t in named[2:] if packed else named:
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
 
@@ -87,7 +94,10 @@ def validate_epilog_args(
         raise ValueError(
             f"indexer_compress_scale must have shape [..., G] with G = ceil({d}/128) = {g}, got {tuple(scale.shape)}"
         )
-    n = cache.numel() // d
+    if packed:
+        n = packed_geometry(cache, scale).rows
+    else:
+        n = cache.numel() // d
     if scale.numel() // g != n:
         raise ValueError(
             f"indexer_compress_scale has {scale.numel() // g} rows but indexer_compress_cache has {n}; they must match"

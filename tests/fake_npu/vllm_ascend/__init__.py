@@ -1,0 +1,1 @@
+"""Stand-in vllm_ascend (see tests/fake_npu/README.md)."""

@@ -149,3 +149,28 @@ def test_an_empty_batch_writes_nothing(boot) -> None:  # noqa: F811
         {"cache": (N, D), "updates_dtype": torch.float8_e4m3fn}, {"cache": (N, 1), "updates_dtype": torch.float32}]
     assert len(standin.calls("npu_scatter_nd_update_")) == 2
     assert not torch.equal(kv_cache[2].view(torch.uint8), before.view(torch.uint8))
+
+
+@pytest.mark.parametrize(("reshape", "dsa_cp", "hooked"), [(False, False, True), (True, False, False), (False, True, False)])
+def test_release_layout_probes(boot, monkeypatch, reshape, dsa_cp, hooked) -> None:  # noqa: F811
+    """vllm-ascend 0.23.0/0.24.0rc1 have no _use_li_c8_reshape_optim/_prepare_kv_for_parallel: the hook reads
+    the Ascend config and the layer's enable_dsa_cp instead."""
+    from vllm_indexer_epilog import plugin
+
+    standin = boot("A5")
+    plugin.unregister()
+    impl = standin.sfa.AscendSFAImpl
+    monkeypatch.delattr(impl, "_use_li_c8_reshape_optim")
+    monkeypatch.delattr(impl, "_prepare_kv_for_parallel")
+    monkeypatch.setattr(impl, "forward", lambda self, *a, **k: None)
+    monkeypatch.setattr(standin.sfa.ASCEND_CONFIG, "c8_enable_reshape_optim", reshape)
+    plugin.register()
+    original_init = impl.__init__
+
+    def init_with_cp(self, *a, **k):
+        self.enable_dsa_cp = dsa_cp
+        original_init(self, *a, **k)
+
+    monkeypatch.setattr(impl, "__init__", init_with_cp)
+    layer = impl(vllm_config(None))
+    assert (layer._indexer_epilog is not None) is hooked

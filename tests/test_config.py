@@ -73,3 +73,15 @@ def test_describe() -> None:
         "mx, round_scale=False, float8_e4m3fn"
     )
     assert EpilogConfig().describe() == "standard, float8_e4m3fn"
+
+
+def test_bundled_flag_examples_parse() -> None:
+    import json
+
+    from conftest import ROOT
+
+    files = sorted((ROOT / "configs").glob("indexer-epilog-*.json"))
+    assert len(files) == 3
+    got = {f.stem: parse_epilog_config(json.loads(f.read_text())["indexer_epilog"], f.name) for f in files}
+    assert got["indexer-epilog-mx"].quant_mode == 0 and got["indexer-epilog-standard"] == EpilogConfig(explicit=True)
+    assert not got["indexer-epilog-off"].enabled

@@ -152,3 +152,26 @@ def test_split_writes_validate_like_every_backend(boot) -> None:  # noqa: F811
     with pytest.raises(TypeError, match="slot_mapping"):
         write_split(k, s, random_x(4, 128, torch.bfloat16, 0), _slots(4, 16).float())
     assert torch.equal(k.view(torch.uint8), before.view(torch.uint8))
+
+
+def test_what_the_compiled_ascend_scale_differs_by() -> None:
+    """Both Ascend C kernels (cann-recipes-infer's and vllm-ascend's v2) compute the standard scale as
+    a * fl(1/448), the reciprocal stored as 0x3b124925, where SPEC.md asks for fl(a/448). Measured here over
+    every finite positive bfloat16 amax: how often the two scales differ (README "Ascend" quotes it)."""
+    inv = torch.tensor([0x3B124925], dtype=torch.int32).view(torch.float32)
+    assert inv.item() == torch.tensor(1 / 448, dtype=torch.float32).item()  # it is the rounded reciprocal
+    a = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    a = a[torch.isfinite(a) & (a > 0)]
+    differ = (a * inv != a / 448).float().mean().item()
+    assert 0.53 < differ < 0.54
+    # Never by more than one ulp of the scale.
+    ulps = (a * inv).view(torch.int32) - (a / 448).view(torch.int32)
+    assert ulps.abs().max().item() == 1
+    # MX (round_scale) scales take the ceil of the exponent, and there the two never disagree.
+    floored = a.clamp(min=1e-4)
+
+    def ceil_exponent(s: torch.Tensor) -> torch.Tensor:
+        bits = s.view(torch.int32)
+        return ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).int()
+
+    assert torch.equal(ceil_exponent(floored * inv), ceil_exponent(floored / 448))

@@ -121,6 +121,21 @@ def test_a_failing_hook_never_breaks_start_up(boot, caplog, monkeypatch) -> None
     assert standin.device_op.DeviceOperator.indexer_quant_scatter.__module__ == "vllm_ascend.device.device_op"
 
 
+def test_source_builds_of_main_are_checked_by_site(boot, caplog, monkeypatch) -> None:  # noqa: F811
+    """A main checkout reports its nearest tag (v0.19.1rc1-1637 -> 0.19.2.dev1637+g...): the sites decide."""
+    monkeypatch.setattr(site, "vllm_ascend_version", lambda: "0.19.2.dev1637+g182b75ea84")
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    boot("A5")
+    assert sum("hooked" in m and "not hooked" not in m for m in _messages(caplog)) == len(HOOKS)
+
+
+def test_cache_class_is_found_in_the_release_module_too(boot, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setattr(ascend_deepseek_v4_indexer, "CACHE_MODULES",
+                        ("vllm_ascend.models.no_such_module", "vllm_ascend.models.deepseek_v4.indexer"))
+    standin = boot("A5")
+    assert standin.indexer.AscendDeepseekV4IndexerCache.get_kv_cache_spec.__module__ == ascend_deepseek_v4_indexer.__name__
+
+
 def test_release_parsing() -> None:
     assert site.release("0.23.1rc1.dev5+g1") == (0, 23, 1) and site.release("v0.9.2") == (0, 9, 2)
     with pytest.raises(ValueError):

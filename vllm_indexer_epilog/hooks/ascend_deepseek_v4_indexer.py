@@ -1,7 +1,8 @@
 """Hook: DeepSeek-V4's indexer cache on vllm-ascend -- allocation, write and reader, one flag.
 
-Site (vllm-ascend main of 2026-08-22, after v0.23.0):
-- allocation: `models/deepseek_v4/indexer.py` `AscendDeepseekV4IndexerCache.get_kv_cache_spec(vllm_config)`
+Site (vllm-ascend 0.23.0 and 0.24.0rc1 releases, and main of 2026-08-22):
+- allocation: `AscendDeepseekV4IndexerCache.get_kv_cache_spec(vllm_config)` (in `models/deepseek_v4.py` in the
+  releases, `models/deepseek_v4/indexer.py` on main)
   returns an `AscendMLAAttentionSpec` whose `dtype`/`scale_dtype` the model runner uses to size pages
   (`page_size_bytes` counts both) and to carve each page into values, scales and the whole-block view.
   On A5 that is e4m3fn + float32; the hook sets the scale dtype the mode needs (e8m0 for MX).
@@ -28,10 +29,12 @@ from ..dequant import mx_scales_to_float32
 from ..layouts import scales_after_values
 from ..npu_backend import write_packed
 from ..spec import QUANT_MODE_MX, SCALE_DTYPE_BY_MODE, num_groups
-from .site import Patcher, import_site, log_once, refuse, require
+from .site import Patcher, SiteMissing, import_site, log_once, refuse, require
 
 NAME = "deepseek_v4_indexer"
-WRITTEN_AGAINST = "vllm-ascend main of 2026-08-22 (182b75ea84, after v0.23.0)"
+WRITTEN_AGAINST = "vllm-ascend 0.23.0 / 0.24.0rc1 and main of 2026-08-22 (182b75ea84)"
+CACHE_MODULES = ("vllm_ascend.models.deepseek_v4.indexer", "vllm_ascend.models.deepseek_v4")
+"""Where AscendDeepseekV4IndexerCache lives: main split the model into a package; releases have one module."""
 VERSIONS = ((0, 23), (0, 25))
 SITE = "vllm-ascend's DeepSeek-V4 indexer cache"
 INDEXER_HEAD_DIM = 128  # the only indexer cache with FP8 rows and a scale column (scale_dim=1)
@@ -67,11 +70,20 @@ def _activate(layer: Any, vllm_config: Any, on_a5: bool) -> EpilogConfig | None:
     return config
 
 
+def _find_cache_class() -> type:
+    missing = []
+    for name in CACHE_MODULES:
+        try:
+            return require(import_site(name), "AscendDeepseekV4IndexerCache")
+        except SiteMissing as exc:
+            missing.append(str(exc))
+    raise SiteMissing("; ".join(missing))
+
+
 def install(patcher: Patcher) -> str:
-    indexer = import_site("vllm_ascend.models.deepseek_v4.indexer")
+    cache_cls = _find_cache_class()
     device_op = import_site("vllm_ascend.device.device_op")
     utils = import_site("vllm_ascend.utils")
-    cache_cls = require(indexer, "AscendDeepseekV4IndexerCache")
     get_spec = require(cache_cls, "get_kv_cache_spec")
     op = require(device_op, "DeviceOperator")
     scatter, part1, key_scale = (

@@ -1,6 +1,6 @@
 """Hook: DeepSeek-V3.2's LI-C8 indexer-key write on vllm-ascend (`--additional-config '{"enable_sparse_li_c8": true}'`).
 
-Site (vllm-ascend main of 2026-08-22, after v0.23.0), `attention/sfa_v1.py`, class `AscendSFAImpl`:
+Site (vllm-ascend 0.23.0 and 0.24.0rc1 releases, and main of 2026-08-22), `attention/sfa_v1.py`, `AscendSFAImpl`:
 - `indexer_select_pre_process` quantizes the indexer key inline with `torch_npu.npu_dynamic_quant`
   (per-row FP8 + float32 scale on A5), then `forward` scatters key and scale into two separate contiguous
   caches with two `torch_npu.npu_scatter_nd_update_` calls at `attn_metadata.slot_mapping`.
@@ -19,6 +19,7 @@ gathers keys across ranks before writing (context parallel).
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -28,13 +29,15 @@ import torch
 from ..config import EpilogConfig, epilog_config_from_vllm
 from ..npu_backend import write_split
 from ..spec import QUANT_MODE_MX
-from .site import Patcher, import_site, log_once, refuse, require
+from .site import Patcher, SiteMissing, import_site, log_once, refuse, require
 
 NAME = "sfa_li_c8"
-WRITTEN_AGAINST = "vllm-ascend main of 2026-08-22 (182b75ea84, after v0.23.0)"
+WRITTEN_AGAINST = "vllm-ascend 0.23.0 / 0.24.0rc1 and main of 2026-08-22 (182b75ea84)"
 VERSIONS = ((0, 23), (0, 25))
 SITE = "vllm-ascend's DeepSeek-V3.2 LI-C8 indexer cache"
 ATTR = "_indexer_epilog"
+LI_C8_MARKER = "self.enable_sparse_li_c8 ="
+"""How AscendSFAImpl.__init__ turns the LI-C8 cache on; releases without it (0.24.0rc1) have no site."""
 
 
 class SiteDrift(RuntimeError):
@@ -103,7 +106,20 @@ class TorchNpuProxy:
         return cache
 
 
-def _why_not(layer: Any, config: EpilogConfig, base_prepare: Any) -> str | None:
+def _reshape_optim(layer: Any, sfa: Any) -> bool:
+    """main asks the layer; the releases read the Ascend config inline."""
+    if hasattr(layer, "_use_li_c8_reshape_optim"):
+        return bool(layer._use_li_c8_reshape_optim())
+    return bool(getattr(sfa.get_ascend_config(), "c8_enable_reshape_optim", False))
+
+
+def _gathers_keys(layer: Any, base_prepare: Any) -> bool:
+    """Context parallel all-gathers keys before the write: main in a subclass, the releases behind a flag."""
+    prepare = getattr(type(layer), "_prepare_kv_for_parallel", None)
+    return bool(getattr(layer, "enable_dsa_cp", False)) or (base_prepare is not None and prepare is not base_prepare)
+
+
+def _why_not(layer: Any, config: EpilogConfig, sfa: Any, base_prepare: Any) -> str | None:
     if getattr(layer, "c8_k_cache_dtype", None) != torch.float8_e4m3fn:
         return ("Ascend A2/A3 keep LI-C8 keys as int8 with float16 scales for the int8 lightning indexer; "
                 "no NPU reader of FP8 indexer keys exists there")
@@ -112,20 +128,29 @@ def _why_not(layer: Any, config: EpilogConfig, base_prepare: Any) -> str | None:
                 "no NPU reader of e8m0 scales exists on this path (use quant_mode \"standard\")")
     if config.fp8_dtype != torch.float8_e4m3fn:
         return "the lightning indexer reads LI-C8 keys as float8_e4m3fn only"
-    if layer._use_li_c8_reshape_optim():
+    if _reshape_optim(layer, sfa):
         return "c8_enable_reshape_optim writes through _C_ascend.store_kv_block, which this hook does not route"
-    if type(layer)._prepare_kv_for_parallel is not base_prepare:
-        return f"{type(layer).__name__} gathers keys across ranks before writing them"
+    if _gathers_keys(layer, base_prepare):
+        return f"{type(layer).__name__} gathers keys across ranks (context parallel) before writing them"
     return None
 
 
 def install(patcher: Patcher) -> str:
     sfa = import_site("vllm_ascend.attention.sfa_v1")
     impl = require(sfa, "AscendSFAImpl")
-    require(impl, "__init__", "indexer_select_pre_process", "_use_li_c8_reshape_optim", "_prepare_kv_for_parallel")
+    require(impl, "__init__", "indexer_select_pre_process")
+    try:
+        init_source = inspect.getsource(impl.__init__)
+    except (OSError, TypeError) as exc:
+        raise SiteMissing(f"AscendSFAImpl.__init__ source unavailable ({exc})") from exc
+    if LI_C8_MARKER not in init_source:
+        raise SiteMissing("AscendSFAImpl has no LI-C8 indexer cache (enable_sparse_li_c8) in this vllm-ascend")
+    if not hasattr(impl, "_use_li_c8_reshape_optim"):
+        require(sfa, "get_ascend_config")
     real = require(sfa, "torch_npu")
     require(real, "npu_dynamic_quant", "npu_scatter_nd_update_")
-    init, pre_process, base_prepare = impl.__init__, impl.indexer_select_pre_process, impl._prepare_kv_for_parallel
+    init, pre_process = impl.__init__, impl.indexer_select_pre_process
+    base_prepare = getattr(impl, "_prepare_kv_for_parallel", None)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
@@ -136,7 +161,7 @@ def install(patcher: Patcher) -> str:
         if not config.enabled:
             log_once(f"{SITE}: disabled by indexer_epilog.enabled=false")
             return
-        why = _why_not(self, config, base_prepare)
+        why = _why_not(self, config, sfa, base_prepare)
         if why is not None:
             refuse(config, SITE, why)
             return

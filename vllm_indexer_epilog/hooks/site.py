@@ -48,6 +48,22 @@ def release(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in m.group(1).split("."))
 
 
+def is_source_build(version: str) -> bool:
+    """A build from a git checkout: its number comes from the nearest reachable tag (releases are tagged on
+    branches, so main reports an old one) and says nothing about the code; the site checks decide."""
+    return ".dev" in version or "+g" in version
+
+
+def version_allowed(version: str, versions: tuple[tuple[int, ...], tuple[int, ...]]) -> bool:
+    if is_source_build(version):
+        return True
+    try:
+        found = release(version)
+    except ValueError:
+        return False
+    return versions[0] <= found < versions[1]
+
+
 def vllm_ascend_version() -> str | None:
     if importlib.util.find_spec("vllm_ascend") is None:
         return None
@@ -108,12 +124,7 @@ def install_hook(hook: Hook, patcher: Patcher) -> str:
     version = vllm_ascend_version()
     if version is None:
         return f"{hook.NAME}: vllm-ascend not installed; nothing hooked"
-    lo, hi = hook.VERSIONS
-    try:
-        found = release(version)
-    except ValueError:
-        found = None
-    if found is None or not lo <= found < hi:
+    if not version_allowed(version, hook.VERSIONS):
         return (f"{hook.NAME}: written against {hook.WRITTEN_AGAINST}, found vllm-ascend {version}; "
                 "not hooked, vllm-ascend's own path is kept")
     mark = len(patcher._undo)

@@ -1,9 +1,18 @@
 """Stand-in of AscendSFAImpl's LI-C8 indexer-key write: quantize inline, then two scatters in forward."""
 
+from types import SimpleNamespace
+
 import torch
 import torch_npu
 
 from vllm_ascend.utils import AscendDeviceType, get_ascend_device_type
+
+ASCEND_CONFIG = SimpleNamespace(c8_enable_reshape_optim=False)
+
+
+def get_ascend_config():
+    """The releases (0.23.0, 0.24.0rc1) read the reshape optimisation from here inline."""
+    return ASCEND_CONFIG
 
 
 class AscendSFAImpl:

@@ -64,7 +64,7 @@ def test_standard_mode_writes_through_v2(boot, slot_dtype) -> None:  # noqa: F81
     nb, bs = cache.values.shape[:2]
     assert call["shape"] == (nb, bs, 1, D + 4) and call["block_stride"] == cache.page
     assert call["storage"] == cache.raw.untyped_storage().data_ptr() and call["offset"] == 0
-    assert call["x"] is x and call["slots"].dtype == torch.int32 and torch.equal(call["slots"].long(), slots.long())
+    assert call["x"].data_ptr() == x.data_ptr() and call["slots"].dtype == torch.int32 and torch.equal(call["slots"].long(), slots.long())
     assert torch.equal(cache.raw, want)
     # The query is still quantized by vllm-ascend's own call, and the indexer reads float32 scales.
     assert [c["dst_type"] for c in standin.calls("npu_dynamic_quant")] == [torch.float8_e4m3fn]

@@ -134,7 +134,10 @@ def write_split(
     backend = _choose("split", p, x)
     slots = _guarded_slots(slot_mapping, p.slots)
     if backend is NpuBackend.CUSTOM_OPS:
-        torch.ops.custom.indexer_compress_epilog(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
+        # Its documented x and slot shapes are [T, d] and [T].
+        torch.ops.custom.indexer_compress_epilog(
+            cache, scale, x.view(p.rows, p.dim), slots, quant_mode=quant_mode, round_scale=round_scale
+        )
     else:
         reference_indexer_compress_epilog(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
     return backend
@@ -155,7 +158,7 @@ def write_packed(
     slots = _guarded_slots(slot_mapping, p.slots)
     if backend is NpuBackend.C_ASCEND_V2:
         buffer = block_buffer(values, packed_geometry(values, scales), scales.element_size())
-        torch.ops._C_ascend.indexer_compress_epilog_v2(buffer, x, slots, layout=2)
+        torch.ops._C_ascend.indexer_compress_epilog_v2(buffer, x.view(p.rows, p.dim), slots, layout=2)
     else:
         reference_indexer_compress_epilog(
             values, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale, packed=True

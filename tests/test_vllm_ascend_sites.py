@@ -123,6 +123,8 @@ def test_indexer_cache_spec_carries_the_dtypes_the_hook_sets(version) -> None:
     assert {"dtype", "scale_dim", "scale_dtype", "head_size"} <= {k.arg for k in spec.keywords}
     # ... and the block manager's page and the runner's whole-block view count the scale dtype's size.
     interface = source(version, "vllm_ascend.core.kv_cache_interface")
+    spec_cls = cls(ast.parse(interface), "AscendMLAAttentionSpec")  # a dataclass: dataclasses.replace works
+    assert any(ast.unparse(d).startswith("dataclass") for d in spec_cls.decorator_list)
     assert re.search(r"scale_dim\s*\*\s*get_dtype_size\(\s*self\.scale_dtype\s*\)", interface)
     runner = source(version, "vllm_ascend.worker.model_runner_v1")
     assert re.search(r"scale_dim\s*\*\s*get_dtype_size\(\s*current_kv_cache_spec\.scale_dtype\s*\)", runner)

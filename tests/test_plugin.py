@@ -115,10 +115,21 @@ def test_a_failing_hook_never_breaks_start_up(boot, caplog, monkeypatch) -> None
     monkeypatch.setattr(hooks, "HOOKS", (ascend_deepseek_v4_indexer, bad))
     caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
     standin = boot("A5")
-    assert any("plugin disabled (RuntimeError: boom)" in m for m in _messages(caplog))
-    assert not hasattr(Target, "marker")
-    # The hook installed before the failure was undone too.
-    assert standin.device_op.DeviceOperator.indexer_quant_scatter.__module__ == "vllm_ascend.device.device_op"
+    failed = [r for r in caplog.records if "bad: failed to install (RuntimeError: boom)" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+    assert not hasattr(Target, "marker")  # the failing hook's own patch was rolled back ...
+    # ... and the other site keeps its hook.
+    assert standin.device_op.DeviceOperator.indexer_quant_scatter.__module__ == ascend_deepseek_v4_indexer.__name__
+
+
+def test_an_error_outside_any_hook_disables_the_plugin_cleanly(boot, caplog, monkeypatch) -> None:  # noqa: F811
+    def broken_version():
+        raise RuntimeError("metadata unreadable")
+
+    monkeypatch.setattr(plugin, "vllm_ascend_version", broken_version)
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    boot("A5")
+    assert any("plugin disabled (RuntimeError: metadata unreadable)" in m for m in _messages(caplog))
 
 
 def test_source_builds_of_main_are_checked_by_site(boot, caplog, monkeypatch) -> None:  # noqa: F811

@@ -41,7 +41,8 @@ def register() -> None:
                      "write site is hooked on this platform and vLLM's own paths are untouched")
             return
         for hook in HOOKS:
-            log_once(install_hook(hook, _patcher))
+            level, line = install_hook(hook, _patcher)
+            log_once(line, level)
     except Exception as exc:  # start-up must survive anything of ours
         _patcher.undo()
         logger.warning("vllm_indexer_epilog: plugin disabled (%s: %s); vLLM's own paths are untouched",

@@ -119,18 +119,22 @@ class Patcher:
             self._undo.pop()()
 
 
-def install_hook(hook: Hook, patcher: Patcher) -> str:
-    """Install one hook if its site is there; returns the one line to log. Never raises SiteMissing."""
+def install_hook(hook: Hook, patcher: Patcher) -> tuple[int, str]:
+    """Install one hook if its site is there; returns the log level and the one line to log. Never raises:
+    a hook that fails is rolled back alone, so the other sites keep their hooks."""
     version = vllm_ascend_version()
     if version is None:
-        return f"{hook.NAME}: vllm-ascend not installed; nothing hooked"
+        return logging.INFO, f"{hook.NAME}: vllm-ascend not installed; nothing hooked"
     if not version_allowed(version, hook.VERSIONS):
-        return (f"{hook.NAME}: written against {hook.WRITTEN_AGAINST}, found vllm-ascend {version}; "
-                "not hooked, vllm-ascend's own path is kept")
+        return logging.INFO, (f"{hook.NAME}: written against {hook.WRITTEN_AGAINST}, found vllm-ascend {version}; "
+                              "not hooked, vllm-ascend's own path is kept")
     mark = len(patcher._undo)
     try:
-        return f"{hook.NAME}: {hook.install(patcher)}"
-    except SiteMissing as exc:
-        while len(patcher._undo) > mark:  # a half-installed hook is worse than none
+        return logging.INFO, f"{hook.NAME}: {hook.install(patcher)}"
+    except Exception as exc:  # a half-installed hook is worse than none
+        while len(patcher._undo) > mark:
             patcher._undo.pop()()
-        return f"{hook.NAME}: site not found ({exc}); not hooked, vllm-ascend's own path is kept"
+        if isinstance(exc, SiteMissing):
+            return logging.INFO, f"{hook.NAME}: site not found ({exc}); not hooked, vllm-ascend's own path is kept"
+        return logging.WARNING, (f"{hook.NAME}: failed to install ({type(exc).__name__}: {exc}); not hooked, "
+                                 "vllm-ascend's own path is kept")

@@ -47,7 +47,11 @@ class Standin:
 
 @pytest.fixture
 def boot(monkeypatch: pytest.MonkeyPatch):
-    """boot(device="A5") -> Standin: fresh stand-in modules for that device, plugin registered."""
+    """boot(device="A5") -> Standin: fresh stand-in modules for that device, plugin registered.
+
+    As in vLLM, the plugin registers before vllm-ascend imports its attention and model modules, so the
+    hooks install on those imports; `register_first=False` registers after them instead.
+    """
     from vllm_indexer_epilog import npu_backend, plugin
     from vllm_indexer_epilog.hooks import site
 
@@ -57,12 +61,14 @@ def boot(monkeypatch: pytest.MonkeyPatch):
     site._logged.clear()
     npu_backend._logged.clear()
 
-    def _boot(device: str = "A5") -> Standin:
+    def _boot(device: str = "A5", register_first: bool = True) -> Standin:
         plugin.unregister()
         _forget_fakes()
         utils = importlib.import_module("vllm_ascend.utils")
         utils.DEVICE = utils.AscendDeviceType[device]
         fake_ops.V2_CALLS.clear()
+        if register_first:
+            plugin.register()
         standin = Standin(
             torch_npu=importlib.import_module("torch_npu"),
             utils=utils,
@@ -71,7 +77,8 @@ def boot(monkeypatch: pytest.MonkeyPatch):
             sfa=importlib.import_module("vllm_ascend.attention.sfa_v1"),
             v2_calls=fake_ops.V2_CALLS,
         )
-        plugin.register()
+        if not register_first:
+            plugin.register()
         return standin
 
     yield _boot

@@ -109,7 +109,8 @@ def test_a_failing_hook_never_breaks_start_up(boot, caplog, monkeypatch) -> None
         patcher.set(Target, "marker", 1)
         raise RuntimeError("boom")
 
-    bad = SimpleNamespace(NAME="bad", WRITTEN_AGAINST="-", VERSIONS=((0,), (99,)), install=explode)
+    bad = SimpleNamespace(NAME="bad", WRITTEN_AGAINST="-", VERSIONS=((0,), (99,)), TRIGGERS=("vllm_ascend.utils",),
+                          install=explode)
     import vllm_indexer_epilog.hooks as hooks
 
     monkeypatch.setattr(hooks, "HOOKS", (ascend_deepseek_v4_indexer, bad))
@@ -145,6 +146,38 @@ def test_cache_class_is_found_in_the_release_module_too(boot, monkeypatch) -> No
                         ("vllm_ascend.models.no_such_module", "vllm_ascend.models.deepseek_v4.indexer"))
     standin = boot("A5")
     assert standin.indexer.AscendDeepseekV4IndexerCache.get_kv_cache_spec.__module__ == ascend_deepseek_v4_indexer.__name__
+
+
+@pytest.mark.parametrize("register_first", [True, False])
+def test_hooks_install_when_vllm_ascend_imports_the_site_or_at_once(boot, caplog, register_first) -> None:  # noqa: F811
+    """Registering never imports vllm-ascend's model or attention modules; the hooks land on their first
+    import (main's DeepSeek-V4 package is imported before the module that holds the cache class)."""
+    import sys
+
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    standin = boot("A5", register_first=register_first)
+    lines = _messages(caplog)
+    waiting = [m for m in lines if "will hook when vllm-ascend imports" in m]
+    assert len(waiting) == (len(HOOKS) if register_first else 0)
+    assert sum("hooked" in m and "not hooked" not in m for m in lines) == len(HOOKS)
+    assert not any("site not found" in m for m in lines)
+    assert standin.indexer.AscendDeepseekV4IndexerCache.get_kv_cache_spec.__module__ == ascend_deepseek_v4_indexer.__name__
+    assert isinstance(standin.sfa.torch_npu, ascend_sfa_li_c8.TorchNpuProxy)
+    assert not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path)  # watchers leave once done
+
+
+def test_registering_alone_imports_no_site_module(boot, monkeypatch) -> None:  # noqa: F811
+    import sys
+
+    boot("A5")  # fresh fakes on the path; then start over with only the plugin registered
+    plugin.unregister()
+    for name in [n for n in sys.modules if n.startswith("vllm_ascend.")]:
+        del sys.modules[name]
+    plugin.register()
+    assert not any(n in sys.modules for n in (*ascend_deepseek_v4_indexer.TRIGGERS, *ascend_sfa_li_c8.TRIGGERS,
+                                              "vllm_ascend.device.device_op"))
+    plugin.unregister()
+    assert not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path)  # undo removes the watchers
 
 
 def test_release_parsing() -> None:

@@ -20,6 +20,7 @@ A2/A3 keep this cache as int8 keys with float16 scales and have no FP8 reader: r
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ NAME = "deepseek_v4_indexer"
 WRITTEN_AGAINST = "vllm-ascend 0.23.0 / 0.24.0rc1 and main of 2026-08-22 (182b75ea84)"
 CACHE_MODULES = ("vllm_ascend.models.deepseek_v4.indexer", "vllm_ascend.models.deepseek_v4")
 """Where AscendDeepseekV4IndexerCache lives: main split the model into a package; releases have one module."""
+TRIGGERS = CACHE_MODULES
 VERSIONS = ((0, 23), (0, 25))
 SITE = "vllm-ascend's DeepSeek-V4 indexer cache"
 INDEXER_HEAD_DIM = 128  # the only indexer cache with FP8 rows and a scale column (scale_dim=1)
@@ -71,10 +73,15 @@ def _activate(layer: Any, vllm_config: Any, on_a5: bool) -> EpilogConfig | None:
 
 
 def _find_cache_class() -> type:
+    """From whichever candidate module vllm-ascend has imported (never importing one early)."""
     missing = []
     for name in CACHE_MODULES:
+        module = sys.modules.get(name)
+        if module is None:
+            missing.append(f"{name} not imported")
+            continue
         try:
-            return require(import_site(name), "AscendDeepseekV4IndexerCache")
+            return require(module, "AscendDeepseekV4IndexerCache")
         except SiteMissing as exc:
             missing.append(str(exc))
     raise SiteMissing("; ".join(missing))

@@ -36,6 +36,7 @@ WRITTEN_AGAINST = "vllm-ascend 0.23.0 / 0.24.0rc1 and main of 2026-08-22 (182b75
 VERSIONS = ((0, 23), (0, 25))
 SITE = "vllm-ascend's DeepSeek-V3.2 LI-C8 indexer cache"
 ATTR = "_indexer_epilog"
+TRIGGERS = ("vllm_ascend.attention.sfa_v1",)
 LI_C8_MARKER = "self.enable_sparse_li_c8 ="
 """How AscendSFAImpl.__init__ turns the LI-C8 cache on; releases without it (0.24.0rc1) have no site."""
 

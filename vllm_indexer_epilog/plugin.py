@@ -2,9 +2,10 @@
 
 vLLM calls `register()` in every process (API server, engine core, each worker) before it builds a
 model. It registers the op and arms the vllm-ascend hooks, which install when vllm-ascend first imports
-their site modules (hooks/site.py). It is idempotent and never breaks start-up: a site that is absent, or of a vllm-ascend version it was not written against, gets one log
-line and keeps vllm-ascend's own path. The only errors it lets through come later, from a hook reading
-the `indexer_epilog` flag at model build time: a bad value, or one the platform cannot serve.
+their site modules (hooks/site.py). It is idempotent and never breaks start-up: a site that is absent,
+of a vllm-ascend version it was not written against, or whose hook fails to install gets one log line
+and keeps vllm-ascend's own path. The only errors it lets through come later, from a hook reading the
+`indexer_epilog` flag at model build time: a bad value, or one the platform cannot serve.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ import torch
 
 @dataclass(frozen=True)
 class PackedGeometry:
-    """Sizes of a packed pair; rows are numbered block-major: slot = block * block_size + offset."""
+    """Sizes of a cache in blocks; rows are numbered block-major: slot = block * block_size + offset.
+
+    A packed pair has its real block stride; a contiguous pair is one block of N rows (block_bytes 0).
+    """
 
     num_blocks: int
     block_size: int

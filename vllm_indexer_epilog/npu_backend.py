@@ -31,7 +31,7 @@ import os
 import torch
 
 from . import registration
-from .layouts import block_buffer, packed_geometry
+from .layouts import block_buffer
 from .reference import reference_indexer_compress_epilog
 from .spec import QUANT_MODE_STANDARD
 from .validation import EpilogProblem, check_slot_range, strict_mode, validate_epilog_args
@@ -157,7 +157,7 @@ def write_packed(
     backend = _choose("packed", p, x)
     slots = _guarded_slots(slot_mapping, p.slots)
     if backend is NpuBackend.C_ASCEND_V2:
-        buffer = block_buffer(values, packed_geometry(values, scales), scales.element_size())
+        buffer = block_buffer(values, p.geometry, scales.element_size())
         torch.ops._C_ascend.indexer_compress_epilog_v2(buffer, x.view(p.rows, p.dim), slots, layout=2)
     else:
         reference_indexer_compress_epilog(

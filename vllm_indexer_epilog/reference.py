@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .layouts import PackedGeometry, block_rows, packed_geometry
+from .layouts import block_rows
 from .spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_STANDARD, Fp8Format
 from .validation import check_slot_range, validate_epilog_args
 
@@ -106,11 +106,7 @@ def reference_indexer_compress_epilog(
     )
     check_slot_range(slot_mapping, p.slots)
     # Both layouts are written through [blocks, rows per block, width] views; contiguous is one block.
-    geometry = (
-        packed_geometry(indexer_compress_cache, indexer_compress_scale)
-        if packed
-        else PackedGeometry(1, p.slots, p.dim, p.groups, 0)
-    )
+    geometry = p.geometry
     cache3 = block_rows(indexer_compress_cache.view(torch.uint8), geometry, p.dim)
     scale3 = indexer_compress_scale if p.quant_mode == QUANT_MODE_STANDARD else indexer_compress_scale.view(torch.uint8)
     scale3 = block_rows(scale3, geometry, p.groups)

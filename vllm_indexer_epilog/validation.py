@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .layouts import packed_geometry
+from .layouts import PackedGeometry, packed_geometry
 from .spec import FP8_FORMATS, SCALE_DTYPE_BY_MODE, SLOT_DTYPES, X_DTYPES, Fp8Format, num_groups
 
 STRICT_ENV = "VLLM_INDEXER_EPILOG_STRICT"
@@ -23,12 +23,23 @@ class EpilogProblem:
     """The sizes and formats of one validated call."""
 
     rows: int  # T: rows of x
-    slots: int  # N: rows of the cache and of the scale
-    dim: int  # d
-    groups: int  # G
+    geometry: PackedGeometry  # the cache's blocks; contiguous caches are one block of N rows
     fmt: Fp8Format
     quant_mode: int
     round_scale: bool
+
+    @property
+    def slots(self) -> int:
+        """N: rows of the cache and of the scale."""
+        return self.geometry.rows
+
+    @property
+    def dim(self) -> int:
+        return self.geometry.dim
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups
 
 
 def _dtype_names(dtypes: tuple[torch.dtype, ...] | list[torch.dtype]) -> str:
@@ -94,10 +105,8 @@ def validate_epilog_args(
         raise ValueError(
             f"indexer_compress_scale must have shape [..., G] with G = ceil({d}/128) = {g}, got {tuple(scale.shape)}"
         )
-    if packed:
-        n = packed_geometry(cache, scale).rows
-    else:
-        n = cache.numel() // d
+    geometry = packed_geometry(cache, scale) if packed else PackedGeometry(1, cache.numel() // d, d, g, 0)
+    n = geometry.rows
     if scale.numel() // g != n:
         raise ValueError(
             f"indexer_compress_scale has {scale.numel() // g} rows but indexer_compress_cache has {n}; they must match"
@@ -105,7 +114,7 @@ def validate_epilog_args(
     t_rows = x.numel() // d
     if slot_mapping.numel() != t_rows:
         raise ValueError(f"slot_mapping must have one element per row of x ({t_rows}), got {slot_mapping.numel()}")
-    return EpilogProblem(t_rows, n, d, g, fmt, quant_mode, round_scale)
+    return EpilogProblem(t_rows, geometry, fmt, quant_mode, round_scale)
 
 
 def check_slot_range(slot_mapping: torch.Tensor, num_slots: int, *, reject_duplicates: bool = False) -> None:

@@ -12,9 +12,12 @@ class BuildPyWithCsrc(build_py):
         super().run()
         target = Path(self.build_lib) / "vllm_indexer_epilog" / "_csrc"
         target.mkdir(parents=True, exist_ok=True)
-        for src in (Path(__file__).parent / "csrc").iterdir():
+        csrc = Path(__file__).parent / "csrc"
+        for src in csrc.rglob("*"):
             if src.suffix in (".cpp", ".h"):
-                shutil.copy2(src, target / src.name)
+                dest = target / src.relative_to(csrc)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest)
 
 
 setup(cmdclass={"build_py": BuildPyWithCsrc})

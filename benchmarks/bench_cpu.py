@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vllm_indexer_epilog  # noqa: E402,F401  (registers the op)
 from common import bytes_moved, make_inputs, print_table  # noqa: E402
-from vllm_indexer_epilog.reference import reference_indexer_compress_epilog  # noqa: E402
+from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
 
 
 def median_time(fn: Callable[[], None], *, min_reps: int = 5, budget_s: float = 1.0) -> float:

@@ -26,9 +26,9 @@ import triton.testing  # noqa: E402
 
 import vllm_indexer_epilog  # noqa: E402,F401
 from common import bytes_moved, make_inputs, print_table  # noqa: E402
-from vllm_indexer_epilog.reference import quantize_rows, reference_indexer_compress_epilog  # noqa: E402
-from vllm_indexer_epilog.spec import FP8_FORMATS  # noqa: E402
-from vllm_indexer_epilog.triton_kernel import triton_indexer_compress_epilog  # noqa: E402
+from vllm_indexer_epilog.op.reference import quantize_rows, reference_indexer_compress_epilog  # noqa: E402
+from vllm_indexer_epilog.op.spec import FP8_FORMATS  # noqa: E402
+from vllm_indexer_epilog.backends.triton_kernel import triton_indexer_compress_epilog  # noqa: E402
 
 TS = [1, 8, 64, 1024, 16384, 65536]
 DS = [128, 4096]

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from vllm_indexer_epilog.reference import reference_indexer_compress_epilog as ref
+from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog as ref
 torch.manual_seed(0)
 for d in (128, 4096):
     T = 16384 if d == 128 else 2048

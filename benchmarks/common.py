@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_indexer_epilog.spec import SCALE_DTYPE_BY_MODE, num_groups
+from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE, num_groups
 
 
 def make_inputs(

@@ -15,13 +15,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import vllm_indexer_epilog  # noqa: E402  (registers the op)
-from vllm_indexer_epilog.reference import reference_indexer_compress_epilog  # noqa: E402
-from vllm_indexer_epilog.spec import SCALE_DTYPE_BY_MODE, num_groups  # noqa: E402
+from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
+from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE, num_groups  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GOLDEN_DIR = Path(os.environ.get("VIE_GOLDEN_DIR", ROOT.parent / "shared" / "golden"))
-if not GOLDEN_DIR.is_dir():
-    GOLDEN_DIR = ROOT / "shared" / "golden"  # a checkout that carries shared/ inside (the GPU machine)
+GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 GOLDEN_FILES = sorted(GOLDEN_DIR.glob("*.npz"))
 
 Backend = Callable[..., None]
@@ -32,7 +30,7 @@ def op_backend(*args: object, **kwargs: object) -> None:
 
 
 def triton_backend(*args: object, **kwargs: object) -> None:
-    from vllm_indexer_epilog.triton_kernel import triton_indexer_compress_epilog
+    from vllm_indexer_epilog.backends.triton_kernel import triton_indexer_compress_epilog
 
     triton_indexer_compress_epilog(*args, **kwargs)
 

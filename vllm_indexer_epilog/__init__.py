@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from .dequant import dequantize
-from .reference import reference_indexer_compress_epilog
-from .registration import register as _register
-from .spec import GROUP_SIZE, QUANT_MODE_MX, QUANT_MODE_STANDARD, num_groups
+from .op.dequant import dequantize
+from .op.reference import reference_indexer_compress_epilog
+from .op.registration import register as _register
+from .op.spec import GROUP_SIZE, QUANT_MODE_MX, QUANT_MODE_STANDARD, num_groups
 
 _register()
 
@@ -42,7 +42,7 @@ def indexer_compress_epilog(
     (torch.ops would reach Ascend's compiled op unmapped: int32 slots only).
     """
     if x.device.type == "npu":
-        from .npu_backend import write_split
+        from .backends.npu import write_split
 
         write_split(indexer_compress_cache, indexer_compress_scale, x, slot_mapping,
                     quant_mode=quant_mode, round_scale=round_scale)

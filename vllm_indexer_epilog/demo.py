@@ -17,7 +17,7 @@ import time
 import torch
 
 from . import dequantize, indexer_compress_epilog, reference_indexer_compress_epilog
-from .spec import GROUP_SIZE, SCALE_DTYPE_BY_MODE, num_groups
+from .op.spec import GROUP_SIZE, SCALE_DTYPE_BY_MODE, num_groups
 
 BLOCK_SIZE = 64
 MODES = (

@@ -1,0 +1,178 @@
+"""The NPU backend choice (npu_backend.py): which implementation serves which call, the override, logging once,
+and the mapping onto Ascend's compiled ops. CPU tensors stand in for NPU tensors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fakes.ascend_standin import CUSTOM_OPS_DIR, FAKE_DIR, boot, carve_packed, expected_packed  # noqa: F401
+from conftest import ROOT, poisoned, random_x
+from vllm_indexer_epilog.backends import npu as npu_backend
+from vllm_indexer_epilog.backends.npu import NpuBackend, write_packed, write_split
+
+
+def _spec(standin, scale_dtype=torch.float32, bs=8, dtype=torch.float8_e4m3fn):
+    return standin.indexer.AscendMLAAttentionSpec(bs, 1, 128, dtype, 1, scale_dtype)
+
+
+def _slots(t, n, seed=0):
+    s = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:t]
+    s[::3] = -1
+    return s
+
+
+@pytest.mark.parametrize(
+    ("x_dtype", "cache_dtype", "scale_dtype", "quant_mode", "want"),
+    [
+        (torch.bfloat16, torch.float8_e4m3fn, torch.float32, 1, NpuBackend.C_ASCEND_V2),
+        (torch.float16, torch.float8_e4m3fn, torch.float32, 1, NpuBackend.C_ASCEND_V2),
+        (torch.float32, torch.float8_e4m3fn, torch.float32, 1, NpuBackend.REFERENCE),
+        (torch.bfloat16, torch.float8_e5m2, torch.float32, 1, NpuBackend.REFERENCE),
+        (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e8m0fnu, 0, NpuBackend.REFERENCE),
+    ],
+)
+def test_packed_writes_choose_v2_only_where_it_fits(boot, x_dtype, cache_dtype, scale_dtype, quant_mode, want) -> None:  # noqa: F811
+    standin = boot("A5")
+    cache = carve_packed(_spec(standin, scale_dtype, dtype=cache_dtype), 4, pad=16)
+    x = random_x(20, 128, x_dtype, 1, specials=3)
+    slots = _slots(20, 32)
+    expect = expected_packed(cache, x, slots, quant_mode, True)
+    assert write_packed(cache.values, cache.scales, x, slots, quant_mode=quant_mode) is want
+    assert len(standin.v2_calls) == (want is NpuBackend.C_ASCEND_V2)
+    assert torch.equal(cache.raw, expect)
+
+
+def test_without_compiled_ops_everything_is_the_reference(boot, monkeypatch) -> None:  # noqa: F811
+    standin = boot("A5")
+    monkeypatch.setattr(npu_backend, "c_ascend_v2_installed", lambda: False)
+    cache = carve_packed(_spec(standin), 2)
+    x, slots = random_x(10, 128, torch.bfloat16, 2), _slots(10, 16)
+    expect = expected_packed(cache, x, slots, 1, True)
+    assert write_packed(cache.values, cache.scales, x, slots) is NpuBackend.REFERENCE
+    assert torch.equal(cache.raw, expect) and standin.v2_calls == []
+    k, s = poisoned(16, 128, torch.float8_e4m3fn, 1, 3)
+    assert write_split(k, s, x, slots) is NpuBackend.REFERENCE  # our own definition: no Ascend op
+
+
+def test_choice_is_logged_once_per_reason(boot, caplog) -> None:  # noqa: F811
+    standin = boot("A5")
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    cache = carve_packed(_spec(standin), 2)
+    for _ in range(3):
+        write_packed(cache.values, cache.scales, random_x(4, 128, torch.bfloat16, 0), _slots(4, 16))
+    write_packed(cache.values, cache.scales, random_x(4, 128, torch.float32, 0), _slots(4, 16))
+    lines = [r.getMessage() for r in caplog.records if "NPU packed-cache" in r.getMessage()]
+    assert len(lines) == 2 and "c_ascend_v2 (fits)" in lines[0] and "float16/bfloat16" in lines[1]
+
+
+@pytest.mark.parametrize(
+    ("value", "layout", "error"),
+    [
+        ("bogus", "packed", "expected auto"),
+        ("custom_ops", "packed", "cannot serve the packed"),
+        ("c_ascend_v2", "split", "cannot serve the split"),
+        ("custom_ops", "split", "not installed"),
+    ],
+)
+def test_forced_backend_that_cannot_serve_is_an_error(boot, monkeypatch, value, layout, error) -> None:  # noqa: F811
+    standin = boot("A5")
+    monkeypatch.setenv(npu_backend.BACKEND_ENV, value)
+    cache = carve_packed(_spec(standin), 2)
+    before = cache.raw.clone()
+    x, slots = random_x(4, 128, torch.bfloat16, 0), _slots(4, 16)
+    with pytest.raises((RuntimeError, ValueError), match=error):
+        if layout == "packed":
+            write_packed(cache.values, cache.scales, x, slots)
+        else:
+            write_split(cache.values.reshape(16, 128), cache.scales.reshape(16, 1).contiguous(), x, slots)
+    assert torch.equal(cache.raw, before)
+
+
+def test_forced_reference_pins_the_exact_path(boot, monkeypatch) -> None:  # noqa: F811
+    standin = boot("A5")
+    monkeypatch.setenv(npu_backend.BACKEND_ENV, "reference")
+    cache = carve_packed(_spec(standin), 2)
+    assert write_packed(cache.values, cache.scales, random_x(4, 128, torch.bfloat16, 0), _slots(4, 16)) is NpuBackend.REFERENCE
+    assert standin.v2_calls == []
+
+
+def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -> None:
+    """With cann-recipes-infer's custom_ops installed (a stand-in, defined before our package as on an NPU
+    machine), split writes go to it with int32 slots and its `scale` left at 1.0; float32 x cannot."""
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        sys.path[:0] = [{str(FAKE_DIR)!r}, {str(CUSTOM_OPS_DIR)!r}, {str(ROOT / "tests")!r}]
+        import vllm_indexer_epilog
+        import custom_ops
+        from vllm_indexer_epilog.backends import npu as npu_backend
+        from vllm_indexer_epilog.op import registration, schema
+        from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
+        from conftest import poisoned, random_x
+        assert not schema.defined_here() and npu_backend.ascend_custom_op_installed()
+        for x_dtype, quant_mode, want, calls in ((torch.bfloat16, 1, "custom_ops", 1), (torch.float16, 0, "custom_ops", 2),
+                                                 (torch.float32, 1, "reference", 2)):
+            k, s = poisoned(64, 128, torch.float8_e4m3fn, quant_mode, 1)
+            wk, ws = k.clone(), s.clone()
+            x = random_x(24, 128, x_dtype, 2, specials=4)
+            slots = torch.randperm(64)[:24]
+            slots[::4] = -1
+            slots[1] = 64  # out of range: must become a skipped row, never a write
+            got = npu_backend.write_split(k, s, x, slots, quant_mode=quant_mode, round_scale=False)
+            assert got.value == want, got
+            assert len(custom_ops.CALLS) == calls
+            if want == "custom_ops":
+                call = custom_ops.CALLS[-1]
+                assert call["slots"].dtype == torch.int32 and call["slots"][1] == -1 and call["scale"] == 1.0
+                assert call["quant_mode"] == quant_mode and call["round_scale"] is False
+            guarded = torch.where(slots < 64, slots, -1)
+            reference_indexer_compress_epilog(wk, ws, x, guarded, quant_mode=quant_mode, round_scale=False)
+            assert torch.equal(k.view(torch.uint8), wk.view(torch.uint8)) and torch.equal(s.view(torch.uint8), ws.view(torch.uint8))
+        print("ok")
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_split_writes_validate_like_every_backend(boot) -> None:  # noqa: F811
+    boot("A5")
+    k, s = poisoned(16, 128, torch.float8_e4m3fn, 1, 3)
+    before = k.clone()
+    with pytest.raises(ValueError, match="indexer_compress_cache must be contiguous"):
+        write_split(k.t().contiguous().t(), s, random_x(4, 128, torch.bfloat16, 0), _slots(4, 16))
+    with pytest.raises(TypeError, match="slot_mapping"):
+        write_split(k, s, random_x(4, 128, torch.bfloat16, 0), _slots(4, 16).float())
+    assert torch.equal(k.view(torch.uint8), before.view(torch.uint8))
+
+
+def test_what_the_compiled_ascend_scale_differs_by() -> None:
+    """Both Ascend C kernels (cann-recipes-infer's and vllm-ascend's v2) compute the standard scale as
+    a * fl(1/448), the reciprocal stored as 0x3b124925, where SPEC.md asks for fl(a/448). Measured here over
+    every finite positive bfloat16 amax: how often the two scales differ (README "Ascend" quotes it)."""
+    inv = torch.tensor([0x3B124925], dtype=torch.int32).view(torch.float32)
+    assert inv.item() == torch.tensor(1 / 448, dtype=torch.float32).item()  # it is the rounded reciprocal
+    a = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    a = a[torch.isfinite(a) & (a > 0)]
+    differ = (a * inv != a / 448).float().mean().item()
+    assert 0.53 < differ < 0.54
+    # Never by more than one ulp of the scale.
+    ulps = (a * inv).view(torch.int32) - (a / 448).view(torch.int32)
+    assert ulps.abs().max().item() == 1
+    # MX (round_scale) scales take the ceil of the exponent, and there the two never disagree.
+    floored = a.clamp(min=1e-4)
+
+    def ceil_exponent(s: torch.Tensor) -> torch.Tensor:
+        bits = s.view(torch.int32)
+        return ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).int()
+
+    assert torch.equal(ceil_exponent(floored * inv), ceil_exponent(floored / 448))

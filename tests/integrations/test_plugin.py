@@ -1,0 +1,187 @@
+"""The vLLM general-plugin entry point: discovery, idempotence, never breaking start-up, version and site
+guards (one log line each), and undo."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+from types import SimpleNamespace
+
+import pytest
+
+from fakes.ascend_standin import boot  # noqa: F401  (fixture)
+from vllm_indexer_epilog.integrations import plugin
+from vllm_indexer_epilog.integrations import patching as site
+from vllm_indexer_epilog.integrations.vllm_ascend import HOOKS, deepseek_v4_indexer, sfa_li_c8
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    plugin.unregister()
+    site._logged.clear()
+    yield
+    plugin.unregister()
+
+
+def _messages(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name.startswith("vllm_indexer_epilog")]
+
+
+def test_entry_point_is_declared_for_vllm() -> None:
+    (ep,) = [e for e in importlib.metadata.entry_points(group="vllm.general_plugins") if e.name == "indexer_epilog"]
+    assert ep.value == "vllm_indexer_epilog.integrations.plugin:register" and ep.load() is plugin.register
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM not installed (CI installs none)")
+def test_vllm_loads_it(monkeypatch) -> None:
+    from vllm.plugins import load_general_plugins
+
+    calls = []
+    monkeypatch.setattr(plugin, "register", lambda: calls.append(1))
+    monkeypatch.setenv("VLLM_PLUGINS", "indexer_epilog")
+    import vllm.plugins as vp
+
+    monkeypatch.setattr(vp, "plugins_loaded", False, raising=False)
+    load_general_plugins()
+    assert calls == [1]
+
+
+def test_without_vllm_ascend_one_line_and_nothing_patched(caplog, monkeypatch) -> None:
+    monkeypatch.setattr(plugin, "vllm_ascend_version", lambda: None)
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    plugin.register()
+    plugin.register()
+    lines = _messages(caplog)
+    assert len(lines) == 1 and "vllm-ascend not installed" in lines[0]
+    assert plugin._patcher is not None and plugin._patcher._undo == []
+
+
+def test_register_is_idempotent_and_unregister_restores(boot) -> None:  # noqa: F811
+    standin = boot("A5")
+    op = standin.device_op.DeviceOperator
+    hooked = op.__dict__["indexer_quant_scatter"]
+    assert hooked.__func__.__module__ == deepseek_v4_indexer.__name__
+    plugin.register()  # again: nothing changes
+    assert op.__dict__["indexer_quant_scatter"] is hooked
+    plugin.unregister()
+    for name in ("indexer_quant_scatter", "indexer_quant_scatter_part1", "prepare_dsa_indexer_key_scale"):
+        assert getattr(op, name).__module__ == "vllm_ascend.device.device_op"
+    assert not isinstance(standin.sfa.torch_npu, sfa_li_c8.TorchNpuProxy)
+    assert standin.sfa.AscendSFAImpl.__init__.__module__ == "vllm_ascend.attention.sfa_v1"
+
+
+@pytest.mark.parametrize("version", ["0.22.1", "0.25.0rc1", "unknown"])
+def test_other_vllm_ascend_versions_are_not_hooked(boot, caplog, monkeypatch, version) -> None:  # noqa: F811
+    monkeypatch.setattr(site, "vllm_ascend_version", lambda: version)
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    standin = boot("A5")
+    assert standin.device_op.DeviceOperator.indexer_quant_scatter.__module__ == "vllm_ascend.device.device_op"
+    lines = _messages(caplog)
+    assert len(lines) == len(HOOKS) and all("written against" in m and "not hooked" in m for m in lines)
+
+
+def test_a_missing_site_is_one_line_and_no_partial_patch(boot, caplog, monkeypatch) -> None:  # noqa: F811
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    real_import = site.import_site
+
+    def without_part1(name):
+        module = real_import(name)
+        if name.endswith("device_op"):
+            # vllm-ascend renamed the split-stream writer: the DeepSeek-V4 hook must not half-install.
+            monkeypatch.delattr(module.A5DeviceAdaptor, "indexer_quant_scatter_part1")
+            monkeypatch.delattr(module.BaseDeviceAdaptor, "indexer_quant_scatter_part1")
+        return module
+
+    monkeypatch.setattr(site, "import_site", without_part1)
+    monkeypatch.setattr(deepseek_v4_indexer, "import_site", without_part1)
+    standin = boot("A5")
+    assert standin.indexer.AscendDeepseekV4IndexerCache.get_kv_cache_spec.__module__.startswith("vllm_ascend")
+    lines = _messages(caplog)
+    assert any("deepseek_v4_indexer: site not found" in m and "indexer_quant_scatter_part1" in m for m in lines)
+    assert any("sfa_li_c8: hooked" in m for m in lines)
+
+
+def test_a_failing_hook_never_breaks_start_up(boot, caplog, monkeypatch) -> None:  # noqa: F811
+    class Target:
+        pass
+
+    def explode(patcher):
+        patcher.set(Target, "marker", 1)
+        raise RuntimeError("boom")
+
+    bad = SimpleNamespace(NAME="bad", WRITTEN_AGAINST="-", VERSIONS=((0,), (99,)), TRIGGERS=("vllm_ascend.utils",),
+                          install=explode)
+    import vllm_indexer_epilog.integrations.vllm_ascend as hooks
+
+    monkeypatch.setattr(hooks, "HOOKS", (deepseek_v4_indexer, bad))
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    standin = boot("A5")
+    failed = [r for r in caplog.records if "bad: failed to install (RuntimeError: boom)" in r.getMessage()]
+    assert len(failed) == 1 and failed[0].levelno == logging.WARNING
+    assert not hasattr(Target, "marker")  # the failing hook's own patch was rolled back ...
+    # ... and the other site keeps its hook.
+    assert standin.device_op.DeviceOperator.indexer_quant_scatter.__module__ == deepseek_v4_indexer.__name__
+
+
+def test_an_error_outside_any_hook_disables_the_plugin_cleanly(boot, caplog, monkeypatch) -> None:  # noqa: F811
+    def broken_version():
+        raise RuntimeError("metadata unreadable")
+
+    monkeypatch.setattr(plugin, "vllm_ascend_version", broken_version)
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    boot("A5")
+    assert any("plugin disabled (RuntimeError: metadata unreadable)" in m for m in _messages(caplog))
+
+
+def test_source_builds_of_main_are_checked_by_site(boot, caplog, monkeypatch) -> None:  # noqa: F811
+    """A main checkout reports its nearest tag (v0.19.1rc1-1637 -> 0.19.2.dev1637+g...): the sites decide."""
+    monkeypatch.setattr(site, "vllm_ascend_version", lambda: "0.19.2.dev1637+g182b75ea84")
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    boot("A5")
+    assert sum("hooked" in m and "not hooked" not in m for m in _messages(caplog)) == len(HOOKS)
+
+
+def test_cache_class_is_found_in_the_release_module_too(boot, monkeypatch) -> None:  # noqa: F811
+    monkeypatch.setattr(deepseek_v4_indexer, "CACHE_MODULES",
+                        ("vllm_ascend.models.no_such_module", "vllm_ascend.models.deepseek_v4.indexer"))
+    standin = boot("A5")
+    assert standin.indexer.AscendDeepseekV4IndexerCache.get_kv_cache_spec.__module__ == deepseek_v4_indexer.__name__
+
+
+@pytest.mark.parametrize("register_first", [True, False])
+def test_hooks_install_when_vllm_ascend_imports_the_site_or_at_once(boot, caplog, register_first) -> None:  # noqa: F811
+    """Registering never imports vllm-ascend's model or attention modules; the hooks land on their first
+    import (main's DeepSeek-V4 package is imported before the module that holds the cache class)."""
+    import sys
+
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    standin = boot("A5", register_first=register_first)
+    lines = _messages(caplog)
+    waiting = [m for m in lines if "will hook when vllm-ascend imports" in m]
+    assert len(waiting) == (len(HOOKS) if register_first else 0)
+    assert sum("hooked" in m and "not hooked" not in m for m in lines) == len(HOOKS)
+    assert not any("site not found" in m for m in lines)
+    assert standin.indexer.AscendDeepseekV4IndexerCache.get_kv_cache_spec.__module__ == deepseek_v4_indexer.__name__
+    assert isinstance(standin.sfa.torch_npu, sfa_li_c8.TorchNpuProxy)
+    assert not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path)  # watchers leave once done
+
+
+def test_registering_alone_imports_no_site_module(boot, monkeypatch) -> None:  # noqa: F811
+    import sys
+
+    boot("A5")  # fresh fakes on the path; then start over with only the plugin registered
+    plugin.unregister()
+    for name in [n for n in sys.modules if n.startswith("vllm_ascend.")]:
+        del sys.modules[name]
+    plugin.register()
+    assert not any(n in sys.modules for n in (*deepseek_v4_indexer.TRIGGERS, *sfa_li_c8.TRIGGERS,
+                                              "vllm_ascend.device.device_op"))
+    plugin.unregister()
+    assert not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path)  # undo removes the watchers
+
+
+def test_release_parsing() -> None:
+    assert site.release("0.23.1rc1.dev5+g1") == (0, 23, 1) and site.release("v0.9.2") == (0, 9, 2)
+    with pytest.raises(ValueError):
+        site.release("main")

@@ -1,0 +1,108 @@
+"""Each class of bad input raises an error naming the argument, and leaves cache and scale bytes as they were."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import as_bytes, poisoned, random_x
+
+T, D, N = 6, 200, 10
+
+
+def good_args(device: str, quant_mode: int = 1) -> dict:
+    cache, scale = poisoned(N, D, torch.float8_e4m3fn, quant_mode, seed=3, device=device)
+    return {
+        "cache": cache,
+        "scale": scale,
+        "x": random_x(T, D, torch.bfloat16, seed=4, device=device),
+        "slot_mapping": torch.tensor([0, 3, -1, 9, 5, 1], dtype=torch.int32, device=device),
+        "quant_mode": quant_mode,
+        "round_scale": True,
+    }
+
+
+def _set(key: str, make: Callable[[dict], object]) -> Callable[[dict], None]:
+    def mutate(a: dict) -> None:
+        a[key] = make(a)
+
+    return mutate
+
+
+# (case id, mutation of good arguments, words the message must contain, exception type)
+CASES = [
+    ("x_dtype", _set("x", lambda a: a["x"].to(torch.float64)), "x must have dtype", TypeError),
+    ("x_int", _set("x", lambda a: a["x"].to(torch.int32)), "x must have dtype", TypeError),
+    ("cache_dtype", _set("cache", lambda a: a["cache"].view(torch.uint8)), "indexer_compress_cache must have dtype", TypeError),
+    ("scale_dtype_for_mode", _set("quant_mode", lambda a: 0), "indexer_compress_scale must have dtype", TypeError),
+    ("scale_bf16", _set("scale", lambda a: a["scale"].to(torch.bfloat16)), "indexer_compress_scale must have dtype", TypeError),
+    ("quant_mode_2", _set("quant_mode", lambda a: 2), "quant_mode must be 0", ValueError),
+    ("quant_mode_neg", _set("quant_mode", lambda a: -1), "quant_mode must be 0", ValueError),
+    ("slot_dtype", _set("slot_mapping", lambda a: a["slot_mapping"].to(torch.int16)), "slot_mapping must have dtype", TypeError),
+    ("slot_float", _set("slot_mapping", lambda a: a["slot_mapping"].float()), "slot_mapping must have dtype", TypeError),
+    ("cache_noncontig", _set("cache", lambda a: a["cache"].view(torch.uint8).repeat(1, 2)[:, ::2].view(torch.float8_e4m3fn)),
+     "indexer_compress_cache must be contiguous", ValueError),
+    ("scale_noncontig", _set("scale", lambda a: a["scale"].repeat(1, 2)[:, ::2]), "indexer_compress_scale must be contiguous", ValueError),
+    ("x_noncontig", _set("x", lambda a: a["x"].repeat(1, 2)[:, ::2]), "x must be contiguous", ValueError),
+    ("slots_noncontig", _set("slot_mapping", lambda a: a["slot_mapping"].repeat(2)[::2]), "slot_mapping must be contiguous", ValueError),
+    ("d_mismatch", _set("x", lambda a: random_x(T, D + 1, torch.bfloat16, seed=1, device=a["x"].device.type)),
+     "indexer_compress_cache must have shape", ValueError),
+    ("g_mismatch", _set("scale", lambda a: torch.zeros(N, 3, dtype=torch.float32, device=a["x"].device)),
+     "indexer_compress_scale must have shape", ValueError),
+    ("rows_mismatch", _set("scale", lambda a: torch.zeros(N + 1, 2, dtype=torch.float32, device=a["x"].device)),
+     "indexer_compress_scale has 11 rows but indexer_compress_cache has 10", ValueError),
+    ("slots_len", _set("slot_mapping", lambda a: a["slot_mapping"][:-1].contiguous()), "slot_mapping must have one element per row", ValueError),
+    ("d_zero", _set("x", lambda a: torch.zeros(T, 0, dtype=torch.bfloat16, device=a["x"].device)), "d >= 1", ValueError),
+    # Through the dispatcher, torch's own schema check answers first (RuntimeError naming argument 'x').
+    ("x_not_tensor", _set("x", lambda a: [[1.0]]), "x must be a torch.Tensor|for argument 'x'", (TypeError, RuntimeError)),
+]
+
+SLOT_RANGE_CASES = [
+    ("slot_too_big", [0, 3, -1, 10, 5, 1]),
+    ("slot_below_minus_one", [0, 3, -2, 9, 5, 1]),
+    ("slot_huge", [0, 3, -1, 2**40, 5, 1]),
+]
+
+
+def _call(fn: Callable[..., None], a: dict) -> None:
+    fn(a["cache"], a["scale"], a["x"], a["slot_mapping"], quant_mode=a["quant_mode"], round_scale=a["round_scale"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_named_and_nothing_written(case, backend) -> None:
+    _, fn, device = backend
+    _, mutate, words, exc = case
+    a = good_args(device)
+    mutate(a)
+    before = (as_bytes(a["cache"]).copy(), as_bytes(a["scale"]).copy())
+    with pytest.raises(exc, match=words):
+        _call(fn, a)
+    np.testing.assert_array_equal(as_bytes(a["cache"]), before[0])
+    np.testing.assert_array_equal(as_bytes(a["scale"]), before[1])
+
+
+@pytest.mark.parametrize("slots", [c[1] for c in SLOT_RANGE_CASES], ids=[c[0] for c in SLOT_RANGE_CASES])
+@pytest.mark.parametrize("name", ["cpu_kernel", "reference"])
+def test_cpu_rejects_slots_out_of_range_before_writing(slots, name) -> None:
+    from conftest import BACKENDS
+
+    fn, device = BACKENDS[name]
+    a = good_args(device)
+    a["slot_mapping"] = torch.tensor(slots, dtype=torch.int64)
+    before = (as_bytes(a["cache"]).copy(), as_bytes(a["scale"]).copy())
+    with pytest.raises(ValueError, match=r"slot_mapping values must lie in \[-1, 10\)"):
+        _call(fn, a)
+    np.testing.assert_array_equal(as_bytes(a["cache"]), before[0])
+    np.testing.assert_array_equal(as_bytes(a["scale"]), before[1])
+
+
+def test_mixed_devices_named() -> None:
+    a = good_args("cpu")
+    a["slot_mapping"] = a["slot_mapping"].to("meta")
+    with pytest.raises(ValueError, match="slot_mapping is on meta but x is on cpu"):
+        from vllm_indexer_epilog.op.validation import validate_epilog_args
+
+        validate_epilog_args(a["cache"], a["scale"], a["x"], a["slot_mapping"], 1, True)

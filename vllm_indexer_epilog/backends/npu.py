@@ -1,0 +1,166 @@
+"""The op on Ascend NPUs: which implementation runs is decided here, and only here, and logged once.
+
+Two entries, one per cache layout:
+
+`write_split` -- the op's own contract (contiguous cache and scale; DeepSeek-V3.2's LI-C8 cache):
+  1. `custom_ops`: cann-recipes-infer's compiled Ascend C op (Ascend 950), when its package defined
+     `custom::indexer_compress_epilog`. Our call is mapped onto its schema: slot_mapping as int32 (its
+     only index type), x float16/bfloat16 (it takes no float32), its extra `scale` left at 1.0.
+  2. `reference`: the pure-torch reference on NPU tensors; slow, but exact and always there.
+
+`write_packed` -- vllm-ascend's packed-block cache (layouts.py; DeepSeek-V4's indexer on A5):
+  1. `c_ascend_v2`: vllm-ascend's `_C_ascend.indexer_compress_epilog_v2`, where it fits: e4m3fn values,
+     standard mode (float32 scales), x float16/bfloat16.
+  2. `reference`, writing the two strided views.
+
+Every entry validates first with the shared checks, so errors name the argument and nothing is written.
+Slots outside [-1, N) are turned into -1 on the device before any foreign kernel sees them, so no backend
+can write outside the caches whatever its own checks are; strict mode (VLLM_INDEXER_EPILOG_STRICT=1)
+raises instead, at the cost of a host sync.
+
+The compiled Ascend kernels have not run against SPEC.md here (no NPU): see README "Ascend" for what
+their sources say differs. `VLLM_INDEXER_EPILOG_NPU_BACKEND=reference` pins the exact path.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+
+import torch
+
+from ..op import schema as op_schema
+from ..op.geometry import block_buffer
+from ..op.reference import reference_indexer_compress_epilog
+from ..op.spec import QUANT_MODE_STANDARD
+from ..op.validation import EpilogProblem, check_slot_range, strict_mode, validate_epilog_args
+
+logger = logging.getLogger(__name__)
+
+BACKEND_ENV = "VLLM_INDEXER_EPILOG_NPU_BACKEND"
+_COMPILED_X_DTYPES = (torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+
+
+class NpuBackend(str, enum.Enum):
+    CUSTOM_OPS = "custom_ops"
+    C_ASCEND_V2 = "c_ascend_v2"
+    REFERENCE = "reference"
+
+
+_logged: set[tuple[str, NpuBackend, str]] = set()
+
+
+def _forced() -> NpuBackend | None:
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    try:
+        return NpuBackend(value)
+    except ValueError:
+        raise ValueError(
+            f"{BACKEND_ENV}={value!r}: expected auto, " + ", ".join(b.value for b in NpuBackend)
+        ) from None
+
+
+def ascend_custom_op_installed() -> bool:
+    """Whether cann-recipes-infer's compiled op owns custom::indexer_compress_epilog's NPU kernel."""
+    if op_schema.defined_here():
+        return False
+    return op_schema.has_foreign_scale_argument() and op_schema.has_kernel("PrivateUse1")
+
+
+def c_ascend_v2_installed() -> bool:
+    """Whether vllm-ascend's compiled packed-cache writer is loaded."""
+    return hasattr(torch.ops._C_ascend, "indexer_compress_epilog_v2")
+
+
+def _why_not_compiled(p: EpilogProblem, x: torch.Tensor, installed: bool, what: str) -> str | None:
+    if not installed:
+        return f"{what} is not installed"
+    if x.dtype not in _COMPILED_X_DTYPES:
+        return f"{what} takes float16/bfloat16 x, not {x.dtype}"
+    if p.slots > _INT32_MAX:
+        return f"{what} takes int32 slots; this cache has {p.slots} rows"
+    return None
+
+
+def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
+    compiled = NpuBackend.CUSTOM_OPS if layout == "split" else NpuBackend.C_ASCEND_V2
+    if compiled is NpuBackend.CUSTOM_OPS:
+        why = _why_not_compiled(p, x, ascend_custom_op_installed(), "Ascend's custom_ops op")
+    else:
+        why = _why_not_compiled(p, x, c_ascend_v2_installed(), "_C_ascend.indexer_compress_epilog_v2")
+        if why is None and (p.fmt.dtype != torch.float8_e4m3fn or p.quant_mode != QUANT_MODE_STANDARD):
+            why = "_C_ascend.indexer_compress_epilog_v2 writes e4m3fn codes with float32 (standard) scales only"
+    forced = _forced()
+    if forced is not None:
+        if forced not in (compiled, NpuBackend.REFERENCE):
+            raise RuntimeError(f"{BACKEND_ENV}={forced.value} cannot serve the {layout} cache layout")
+        if forced is compiled and why is not None:
+            raise RuntimeError(f"{BACKEND_ENV}={forced.value} but {why}")
+        chosen, reason = forced, f"forced by {BACKEND_ENV}"
+    elif why is None:
+        chosen, reason = compiled, "fits"
+    else:
+        chosen, reason = NpuBackend.REFERENCE, why
+    key = (layout, chosen, reason)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("vllm_indexer_epilog: NPU %s-cache writes use %s (%s)", layout, chosen.value, reason)
+    return chosen
+
+
+def _guarded_slots(slot_mapping: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """int32 slots with every value outside [-1, num_slots) made -1, computed on the device (no sync)."""
+    if strict_mode():
+        check_slot_range(slot_mapping, num_slots, reject_duplicates=True)
+    s = slot_mapping.reshape(-1)
+    return torch.where((s >= -1) & (s < num_slots), s, -1).to(torch.int32)
+
+
+def write_split(
+    cache: torch.Tensor,
+    scale: torch.Tensor,
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    quant_mode: int = QUANT_MODE_STANDARD,
+    round_scale: bool = True,
+) -> NpuBackend:
+    """The op on contiguous cache and scale tensors (the op's contract); returns the backend that ran."""
+    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    backend = _choose("split", p, x)
+    slots = _guarded_slots(slot_mapping, p.slots)
+    if backend is NpuBackend.CUSTOM_OPS:
+        # Its documented x and slot shapes are [T, d] and [T].
+        torch.ops.custom.indexer_compress_epilog(
+            cache, scale, x.view(p.rows, p.dim), slots, quant_mode=quant_mode, round_scale=round_scale
+        )
+    else:
+        reference_indexer_compress_epilog(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
+    return backend
+
+
+def write_packed(
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    quant_mode: int = QUANT_MODE_STANDARD,
+    round_scale: bool = True,
+) -> NpuBackend:
+    """The op on the two views of a packed-block cache (layouts.py); returns the backend that ran."""
+    p = validate_epilog_args(values, scales, x, slot_mapping, quant_mode, round_scale, packed=True)
+    backend = _choose("packed", p, x)
+    slots = _guarded_slots(slot_mapping, p.slots)
+    if backend is NpuBackend.C_ASCEND_V2:
+        buffer = block_buffer(values, p.geometry, scales.element_size())
+        torch.ops._C_ascend.indexer_compress_epilog_v2(buffer, x.view(p.rows, p.dim), slots, layout=2)
+    else:
+        reference_indexer_compress_epilog(
+            values, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale, packed=True
+        )
+    return backend

@@ -1,0 +1,103 @@
+"""The plugin's one model-config flag: which quantization the indexer cache write uses.
+
+Key `indexer_epilog`, a JSON object, read from the model's config.json (or `--hf-overrides`) and from
+`--additional-config`; giving it in both places is allowed only when they agree.
+
+    {"indexer_epilog": {"quant_mode": "mx", "round_scale": true, "fp8_dtype": "float8_e4m3fn"}}
+
+Fields (all optional; defaults are the op's defaults):
+    enabled      true | false              false leaves vLLM's own write path in place
+    quant_mode   "standard" (1) | "mx" (0) float32 scales a/FMAX | e8m0 power-of-two scales
+    round_scale  true | false              MX only: ceil (DeepSeek) or OCP floor rule for the exponent
+    fp8_dtype    "float8_e4m3fn" | "float8_e5m2"
+Pure Python: importing it needs neither vLLM nor an accelerator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+
+from ..op.spec import FP8_FORMATS, QUANT_MODE_MX, QUANT_MODE_STANDARD
+
+CONFIG_KEY = "indexer_epilog"
+
+_QUANT_MODES = {"standard": QUANT_MODE_STANDARD, "mx": QUANT_MODE_MX, QUANT_MODE_STANDARD: QUANT_MODE_STANDARD,
+                QUANT_MODE_MX: QUANT_MODE_MX}
+_FP8_DTYPES = {str(dt).removeprefix("torch."): dt for dt in FP8_FORMATS} | {
+    str(dt).removeprefix("torch.float8_"): dt for dt in FP8_FORMATS
+}
+_FIELDS = ("enabled", "quant_mode", "round_scale", "fp8_dtype")
+
+
+class EpilogConfigError(ValueError):
+    """A bad `indexer_epilog` value, or one this platform cannot serve; raised at start-up, never mid-run."""
+
+
+@dataclass(frozen=True)
+class EpilogConfig:
+    enabled: bool = True
+    quant_mode: int = QUANT_MODE_STANDARD
+    round_scale: bool = True
+    fp8_dtype: torch.dtype = torch.float8_e4m3fn
+    explicit: bool = False
+    """Whether the user wrote the key: then a platform that cannot honour it is an error, not a silent no-op."""
+
+    @property
+    def mode_name(self) -> str:
+        return "mx" if self.quant_mode == QUANT_MODE_MX else "standard"
+
+    def describe(self) -> str:
+        rs = f", round_scale={self.round_scale}" if self.quant_mode == QUANT_MODE_MX else ""
+        return f"{self.mode_name}{rs}, {str(self.fp8_dtype).removeprefix('torch.')}"
+
+
+def parse_epilog_config(raw: Any, source: str) -> EpilogConfig:
+    """Validate one `indexer_epilog` value; errors name the source and the field."""
+    if raw is None:
+        return EpilogConfig()
+    if not isinstance(raw, Mapping):
+        raise EpilogConfigError(f"{source}: {CONFIG_KEY} must be a JSON object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_FIELDS))
+    if unknown:
+        raise EpilogConfigError(f"{source}: unknown {CONFIG_KEY} field(s) {unknown}; allowed: {list(_FIELDS)}")
+    enabled = raw.get("enabled", True)
+    round_scale = raw.get("round_scale", True)
+    for name, value in (("enabled", enabled), ("round_scale", round_scale)):
+        if not isinstance(value, bool):
+            raise EpilogConfigError(f"{source}: {CONFIG_KEY}.{name} must be true or false, got {value!r}")
+    mode = raw.get("quant_mode", "standard")
+    key = mode.lower() if isinstance(mode, str) else mode
+    if isinstance(mode, bool) or not isinstance(mode, (str, int)) or key not in _QUANT_MODES:
+        raise EpilogConfigError(f"{source}: {CONFIG_KEY}.quant_mode must be \"standard\" (1) or \"mx\" (0), got {mode!r}")
+    dtype_name = raw.get("fp8_dtype", "float8_e4m3fn")
+    if not isinstance(dtype_name, str) or dtype_name.removeprefix("torch.") not in _FP8_DTYPES:
+        raise EpilogConfigError(
+            f"{source}: {CONFIG_KEY}.fp8_dtype must be one of {sorted(_FP8_DTYPES)}, got {dtype_name!r}"
+        )
+    return EpilogConfig(enabled, _QUANT_MODES[key], round_scale, _FP8_DTYPES[dtype_name.removeprefix("torch.")], True)
+
+
+def _hf_value(hf_config: Any) -> Any:
+    if hf_config is None:
+        return None
+    if isinstance(hf_config, Mapping):
+        return hf_config.get(CONFIG_KEY)
+    return getattr(hf_config, CONFIG_KEY, None)
+
+
+def epilog_config_from_vllm(vllm_config: Any) -> EpilogConfig:
+    """The flag of a `VllmConfig` (or anything with `.model_config.hf_config` and `.additional_config`)."""
+    model_config = getattr(vllm_config, "model_config", None)
+    from_model = _hf_value(getattr(model_config, "hf_config", None))
+    from_additional = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
+    a = parse_epilog_config(from_model, "model config (config.json / --hf-overrides)")
+    b = parse_epilog_config(from_additional, "--additional-config")
+    if from_model is not None and from_additional is not None and a != b:
+        raise EpilogConfigError(
+            f"{CONFIG_KEY} differs between the model config ({a.describe()}, enabled={a.enabled}) and "
+            f"--additional-config ({b.describe()}, enabled={b.enabled}); give it once"
+        )
+    return b if from_additional is not None else a

@@ -1,0 +1,147 @@
+"""Defines `custom::indexer_compress_epilog` (unless Ascend's custom_ops already did) and its kernels.
+
+Rule for a pre-existing definition: cann-recipes-infer's `custom_ops` package defines an op of the same
+qualified name for NPU, with an extra `float scale=1.0` argument. If the name exists when this module is
+imported, nothing is redefined; only kernels for dispatch keys it lacks (CPU, CUDA, Meta) are added, and
+they accept and refuse its extra argument. On a machine with torch_npu, Ascend's package is imported
+before anything is defined here, so its definition always wins and its import never fails because of us.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import logging
+from typing import Any, Callable
+
+import torch
+
+from .reference import reference_indexer_compress_epilog
+from .schema import OP_NAME, QUALNAME, SCHEMA, defined_here, has_kernel, has_schema, mark_defined_here, schema
+from .spec import QUANT_MODE_STANDARD
+from .validation import check_slot_range, validate_epilog_args
+
+logger = logging.getLogger(__name__)
+
+ASCEND_CUSTOM_OPS_MODULE = "custom_ops"
+"""cann-recipes-infer's package that defines the compiled NPU op under the same qualified name."""
+
+_lib: torch.library.Library | None = None
+
+
+def _let_ascend_define_first() -> None:
+    """On an NPU machine, import Ascend's custom_ops before defining anything: its library defines
+    custom::indexer_compress_epilog itself and would fail to import if ours came first. Only when
+    torch_npu is installed, so that an unrelated module of that name elsewhere is never touched."""
+    if importlib.util.find_spec("torch_npu") is None or importlib.util.find_spec(ASCEND_CUSTOM_OPS_MODULE) is None:
+        return
+    try:
+        importlib.import_module(ASCEND_CUSTOM_OPS_MODULE)
+    except Exception as exc:  # a broken CANN install must not break this package
+        logger.warning("vllm_indexer_epilog: importing Ascend's %s failed (%s: %s); defining the op here",
+                       ASCEND_CUSTOM_OPS_MODULE, type(exc).__name__, exc)
+
+
+Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool], None]
+
+
+def as_kernel(run: Run) -> Callable[..., None]:
+    """The dispatcher-facing kernel for `run`: the op's Python signature, plus any keyword that only a
+    foreign schema has (Ascend's `scale`, for its hifloat8 mode), accepted at its default only."""
+
+    def kernel(
+        indexer_compress_cache: torch.Tensor,
+        indexer_compress_scale: torch.Tensor,
+        x: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        quant_mode: int = QUANT_MODE_STANDARD,
+        round_scale: bool = True,
+        **extra: Any,
+    ) -> None:
+        for key, value in extra.items():
+            if not (key == "scale" and value == 1.0):
+                raise ValueError(f"{key}={value!r} is not supported by the vllm_indexer_epilog kernels")
+        run(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
+
+    kernel.__name__ = kernel.__qualname__ = run.__name__
+    return kernel
+
+
+def run_reference(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    reference_indexer_compress_epilog(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+
+
+def run_cpu(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    check_slot_range(slot_mapping, p.slots)
+    if p.rows == 0:
+        return
+    from ..backends.cpu import LIBRARY, load_cpu_kernel
+
+    if load_cpu_kernel():
+        getattr(torch.ops, LIBRARY).quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    else:
+        run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
+
+
+@functools.cache
+def _triton_launcher() -> Callable[..., None] | None:
+    try:
+        from ..backends.triton_kernel import triton_indexer_compress_epilog
+    except ImportError as exc:
+        logger.warning("vllm_indexer_epilog: Triton unavailable (%s); CUDA calls use the torch reference", exc)
+        return None
+    return triton_indexer_compress_epilog
+
+
+def run_cuda(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    launch = _triton_launcher()
+    if launch is None:
+        run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    else:
+        launch(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+
+
+def run_npu(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    from ..backends.npu import write_split
+
+    write_split(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+
+
+def run_fake(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    # Metadata checks need no values, so tracing reports bad calls as eagerly as running them would.
+    validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+
+
+def register() -> None:
+    """Idempotent: define the op if absent, then add the kernels it lacks."""
+    global _lib
+    if _lib is not None:
+        return
+    _let_ascend_define_first()
+    _lib = torch.library.Library(QUALNAME.split('::')[0], "FRAGMENT")
+    if not has_schema():
+        _lib.define(OP_NAME + SCHEMA)
+        mark_defined_here()
+    else:
+        logger.info("%s already defined (schema %s); adding only missing kernels", QUALNAME, schema())
+    # PrivateUse1 is the NPU's key: present only when Ascend's compiled op did not claim it.
+    for key, run in (("CPU", run_cpu), ("CUDA", run_cuda), ("PrivateUse1", run_npu)):
+        if not has_kernel(key):
+            _lib.impl(OP_NAME, as_kernel(run), key)
+    if defined_here():
+        # Any other device (XPU, MPS, ...) gets the reference: slow but exact.
+        _lib.impl(OP_NAME, as_kernel(run_reference), "CompositeExplicitAutograd")
+    if not has_kernel("Meta"):
+        torch.library.register_fake(QUALNAME, as_kernel(run_fake), lib=_lib)

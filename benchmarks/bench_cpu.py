@@ -4,7 +4,11 @@ Prints a markdown table: median time, GB/s (bytes read + written), fraction of t
 memcpy bandwidth measured in the same run, speed-up over the eager torch reference, and the peak
 resident memory the call adds beyond its inputs and outputs.
 
-    python benchmarks/bench_cpu.py [--quick] [--out FILE.md]
+A second table times decode-size calls (T = 1, 64; d = 128; bf16 -> e4m3fn; int64 slots; a paged cache
+[blocks, 64, 1, 128]) against `index_copy_` of the same rows into the same cache, measured interleaved in
+the same run: the floor of any dispatched scatter on this machine.
+
+    python benchmarks/bench_cpu.py [--quick] [--decode-only] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import vllm_indexer_epilog  # noqa: E402,F401  (registers the op)
-from common import bytes_moved, make_inputs, print_table  # noqa: E402
+from common import bytes_moved, make_inputs, make_paged_inputs, print_table  # noqa: E402
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
 
 
@@ -38,6 +42,40 @@ def median_time(fn: Callable[[], None], *, min_reps: int = 5, budget_s: float = 
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], *, rounds: int = 200, per_round: int = 50) -> dict[str, float]:
+    """Median seconds per call of each fn, timed in alternating short bursts so that the load of a shared
+    machine affects all of them alike."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            samples[name].append((time.perf_counter() - t0) / per_round)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def decode_table() -> str:
+    """Decode-size calls of the op against index_copy_ of the same rows into the same paged cache."""
+    rows = []
+    for t in (1, 64):
+        cache, scale, x, slots = make_paged_inputs(t, 128)
+        codes = torch.zeros(t, 128, dtype=torch.uint8)
+        flat = cache.view(-1, 128).view(torch.uint8)
+        op = torch.ops.custom.indexer_compress_epilog
+        med = interleaved_medians({
+            "op": lambda: op(cache, scale, x, slots, quant_mode=1, round_scale=True),
+            "index_copy_": lambda: flat.index_copy_(0, slots, codes),
+        })
+        rows.append({
+            "T": t, "d": 128, "cache": "[1024, 64, 1, 128] e4m3fn", "op (us)": f"{med['op'] * 1e6:.2f}",
+            "index_copy_ (us)": f"{med['index_copy_'] * 1e6:.2f}", "op / index_copy_": f"{med['op'] / med['index_copy_']:.2f}x",
+        })
+    return print_table(rows, ["T", "d", "cache", "op (us)", "index_copy_ (us)", "op / index_copy_"])
 
 
 def _status_kib(field: str) -> int:
@@ -104,6 +142,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode-size table")
     ap.add_argument("--peak-memory-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     configs = CONFIGS_QUICK if args.quick else CONFIGS_FULL
@@ -111,6 +150,11 @@ def main() -> None:
         peak_memory_table(configs)
         return
     torch.manual_seed(0)
+    decode = decode_table()
+    if args.decode_only:
+        if args.out:
+            args.out.write_text(decode + "\n")
+        return
     # This VM's memory bandwidth drifts by tens of percent: memcpy is measured at the start, middle and
     # end, and ratios use the best of the three (the conservative ceiling).
     copy_samples = [memcpy_gbs()]
@@ -144,7 +188,7 @@ def main() -> None:
     cols = ["T", "d", "mode", "time (us)", "GB/s", "vs memcpy", "vs eager ref", "peak extra (MiB)", "ref peak extra (MiB)"]
     table = print_table(rows, cols)
     if args.out:
-        args.out.write_text(f"{head}\n\n{table}\n")
+        args.out.write_text(f"{head}\n\n{decode}\n\n{table}\n")
 
 
 if __name__ == "__main__":

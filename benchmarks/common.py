@@ -37,3 +37,17 @@ def print_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
+
+
+def make_paged_inputs(
+    t: int, d: int = 128, *, blocks: int = 1024, block_size: int = 64, quant_mode: int = 1,
+    x_dtype: torch.dtype = torch.bfloat16, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode-step call as vLLM makes it: a paged cache [blocks, block_size, 1, d] much larger than the
+    T rows written, and int64 slots."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(t, d, generator=g) * 4).to(x_dtype)
+    slots = torch.randperm(blocks * block_size, generator=g)[:t].to(torch.int64)
+    cache = torch.zeros(blocks, block_size, 1, d, dtype=torch.float8_e4m3fn)
+    scale = torch.zeros(blocks, block_size, 1, num_groups(d), dtype=SCALE_DTYPE_BY_MODE[quant_mode])
+    return cache, scale, x, slots

@@ -1,5 +1,5 @@
 // Saturating round-to-nearest-even float32 -> fp8 encoder and the per-group scale rules of
-// shared/SPEC.md, branch-free so that the compiler vectorizes them. They assume IEEE round-to-nearest-
+// docs/SPEC.md, branch-free so that the compiler vectorizes them. They assume IEEE round-to-nearest-
 // even without flush-to-zero: the kernel sets that floating-point environment on every worker thread.
 #pragma once
 

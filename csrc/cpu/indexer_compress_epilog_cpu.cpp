@@ -1,15 +1,28 @@
-// CPU backend of custom::indexer_compress_epilog (shared/SPEC.md).
+// CPU backend of custom::indexer_compress_epilog (docs/SPEC.md).
 //
-// The Python wrapper validates arguments and slot ranges before calling in; this file still skips any
-// row whose slot is outside [0, N) so that no caller can make it write out of bounds.
+// This file is the whole CPU op: argument checks (the messages and error classes of
+// vllm_indexer_epilog/op/validation.py), the slot scan (range, duplicates), and the kernel. Python
+// registers `indexer_compress_epilog_boxed` as the CPU kernel of custom::indexer_compress_epilog through
+// vie_register_cpu_kernel(), so a decode-size call pays the dispatcher and nothing else.
 // Rows are split across threads; each group of 128 elements is read from x once into a float buffer
 // that stays in L1, reduced to its scale, then encoded and stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+
 #include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
 #include <type_traits>
+#include <vector>
 #if defined(__SSE__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -323,8 +336,12 @@ class StoreFence {
   bool active_;
 };
 
+
+// `skip` (nullable) marks rows whose slot a later row also names: each slot is then written by exactly
+// one row, codes and scales together, whatever the thread split.
 template <typename In, typename Fmt, ScaleRule Rule, typename Slot>
-void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping) {
+void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping,
+         const uint8_t* skip) {
   const int64_t d = x.size(-1);
   const int64_t rows = x.numel() / d;
   const int64_t groups = (d + kGroupSize - 1) / kGroupSize;
@@ -346,7 +363,8 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
     const StoreFence fence(stream);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t s = int64_t(sp[r]);
-      if (s < 0 || s >= n_slots) continue;
+      // The range was checked before any write; this keeps even a bad caller inside the tensors.
+      if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
       const In* src = xp + r * d;
       uint8_t* dst = cp + s * d;
       const int64_t so = s * groups;
@@ -364,71 +382,345 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
 }
 
 template <typename In, typename Fmt, ScaleRule Rule>
-void dispatch_slots(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl) {
+void dispatch_slots(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
+                    const uint8_t* skip) {
   if (sl.scalar_type() == at::kLong) {
-    run<In, Fmt, Rule, int64_t>(c, s, x, sl);
+    run<In, Fmt, Rule, int64_t>(c, s, x, sl, skip);
   } else {
-    run<In, Fmt, Rule, int32_t>(c, s, x, sl);
+    run<In, Fmt, Rule, int32_t>(c, s, x, sl, skip);
   }
 }
 
 template <typename In, typename Fmt>
 void dispatch_rule(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
-                   int64_t quant_mode, bool round_scale) {
+                   int64_t quant_mode, bool round_scale, const uint8_t* skip) {
   if (quant_mode == 1) {
-    dispatch_slots<In, Fmt, ScaleRule::kStandard>(c, s, x, sl);
+    dispatch_slots<In, Fmt, ScaleRule::kStandard>(c, s, x, sl, skip);
   } else if (round_scale) {
-    dispatch_slots<In, Fmt, ScaleRule::kMxCeil>(c, s, x, sl);
+    dispatch_slots<In, Fmt, ScaleRule::kMxCeil>(c, s, x, sl, skip);
   } else {
-    dispatch_slots<In, Fmt, ScaleRule::kMxFloor>(c, s, x, sl);
+    dispatch_slots<In, Fmt, ScaleRule::kMxFloor>(c, s, x, sl, skip);
   }
 }
 
 template <typename In>
 void dispatch_fmt(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
-                  int64_t quant_mode, bool round_scale) {
+                  int64_t quant_mode, bool round_scale, const uint8_t* skip) {
   if (c.scalar_type() == at::kFloat8_e4m3fn) {
-    dispatch_rule<In, E4M3>(c, s, x, sl, quant_mode, round_scale);
+    dispatch_rule<In, E4M3>(c, s, x, sl, quant_mode, round_scale, skip);
   } else {
-    dispatch_rule<In, E5M2>(c, s, x, sl, quant_mode, round_scale);
+    dispatch_rule<In, E5M2>(c, s, x, sl, quant_mode, round_scale, skip);
   }
 }
 
-void indexer_compress_epilog_cpu(at::Tensor cache, at::Tensor scale, const at::Tensor& x,
-                                 const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
-  // Internal invariants only: user-facing validation lives in vllm_indexer_epilog/validation.py.
-  TORCH_CHECK(cache.is_contiguous() && scale.is_contiguous() && x.is_contiguous() && slot_mapping.is_contiguous(),
-              "indexer_compress_epilog_cpu: tensors must be contiguous");
-  TORCH_CHECK(cache.scalar_type() == at::kFloat8_e4m3fn || cache.scalar_type() == at::kFloat8_e5m2,
-              "indexer_compress_epilog_cpu: unsupported cache dtype");
-  TORCH_CHECK(quant_mode == 0 || quant_mode == 1, "indexer_compress_epilog_cpu: quant_mode must be 0 or 1");
-  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong || slot_mapping.scalar_type() == at::kInt,
-              "indexer_compress_epilog_cpu: slot_mapping must be int32 or int64");
-  if (x.numel() == 0) return;
+// ---- Argument checks --------------------------------------------------------------------------------
+// Same order, error class and leading argument name as validation.py, so that one bad call reads the
+// same whichever backend refuses it (tests/backends/test_cpu_native.py compares them).
+
+const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kFloat8_e4m3fn: return "float8_e4m3fn";
+    case at::kFloat8_e5m2: return "float8_e5m2";
+    case at::kFloat8_e4m3fnuz: return "float8_e4m3fnuz";
+    case at::kFloat8_e5m2fnuz: return "float8_e5m2fnuz";
+    case at::kFloat8_e8m0fnu: return "float8_e8m0fnu";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    case at::kComplexFloat: return "complex64";
+    case at::kComplexDouble: return "complex128";
+    default: return c10::toString(t);
+  }
+}
+
+std::string torch_dtype(at::ScalarType t) { return std::string("torch.") + dtype_name(t); }
+
+std::string py_tuple(c10::IntArrayRef a) {
+  std::ostringstream o;
+  o << '(';
+  for (size_t i = 0; i < a.size(); ++i) o << (i ? ", " : "") << a[i];
+  o << (a.size() == 1 ? ",)" : ")");
+  return o.str();
+}
+
+// Python's repr() of a float, for the refusal of a foreign `scale` argument.
+std::string py_float_repr(double v) {
+  if (std::isnan(v)) return "nan";
+  if (std::isinf(v)) return v > 0 ? "inf" : "-inf";
+  char buf[40];
+  for (int prec = 1; prec <= 17; ++prec) {
+    std::snprintf(buf, sizeof(buf), "%.*g", prec, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::string out(buf);
+  if (out.find_first_of(".en") == std::string::npos) out += ".0";
+  return out;
+}
+
+// envs.strict(): VLLM_INDEXER_EPILOG_STRICT, stripped, anything but "", "0", "false", "False".
+bool strict_mode() {
+  const char* raw = std::getenv("VLLM_INDEXER_EPILOG_STRICT");
+  if (raw == nullptr) return false;
+  std::string v(raw);
+  const auto first = v.find_first_not_of(" \t\r\n\f\v");
+  if (first == std::string::npos) return false;
+  v = v.substr(first, v.find_last_not_of(" \t\r\n\f\v") - first + 1);
+  return !(v == "0" || v == "false" || v == "False");
+}
+
+void validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping,
+              int64_t quant_mode) {
+  TORCH_CHECK_VALUE(quant_mode == 0 || quant_mode == 1,
+                    "quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got ", quant_mode);
+  const std::pair<const char*, const at::Tensor*> named[] = {
+      {"indexer_compress_cache", &cache}, {"indexer_compress_scale", &scale}, {"x", &x}, {"slot_mapping", &slot_mapping}};
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK_TYPE(t->defined(), name, " must be a torch.Tensor, got NoneType");
+  }
+  const auto xt = x.scalar_type();
+  TORCH_CHECK_TYPE(xt == at::kHalf || xt == at::kBFloat16 || xt == at::kFloat,
+                   "x must have dtype float16, bfloat16, float32, got ", torch_dtype(xt));
+  const auto ct = cache.scalar_type();
+  TORCH_CHECK_TYPE(ct == at::kFloat8_e4m3fn || ct == at::kFloat8_e5m2,
+                   "indexer_compress_cache must have dtype float8_e4m3fn, float8_e5m2, got ", torch_dtype(ct));
+  const auto want_scale = quant_mode == 1 ? at::kFloat : at::kFloat8_e8m0fnu;
+  TORCH_CHECK_TYPE(scale.scalar_type() == want_scale, "indexer_compress_scale must have dtype ",
+                   torch_dtype(want_scale), " when quant_mode=", quant_mode, ", got ",
+                   torch_dtype(scale.scalar_type()));
+  const auto st = slot_mapping.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kInt || st == at::kLong, "slot_mapping must have dtype int32, int64, got ",
+                   torch_dtype(st));
+
+  // Written in place: autograd cannot record the write, and torch refuses in-place updates of an
+  // inference tensor outside inference mode; both are refused here before any byte is written.
+  for (const auto& [name, t] : {named[0], named[1]}) {
+    TORCH_CHECK_VALUE(!t->requires_grad(), name,
+                      " must not require grad (it is written in place; pass a tensor without requires_grad)");
+    TORCH_CHECK_VALUE(!t->is_inference() || c10::InferenceMode::is_enabled(), name,
+                      " is an inference tensor (made under torch.inference_mode()) and cannot be written outside "
+                      "inference mode; call the op inside torch.inference_mode() or allocate it outside");
+  }
+  for (const auto& [name, t] : {named[0], named[1], named[3]}) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device(),
+                      "; all tensors must share one device");
+  }
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous (shape ", py_tuple(t->sizes()), ", strides ",
+                      py_tuple(t->strides()), ")");
+  }
+  TORCH_CHECK_VALUE(x.dim() >= 1 && x.size(-1) >= 1, "x must have shape [..., d] with d >= 1, got ",
+                    py_tuple(x.sizes()));
+  const int64_t d = x.size(-1);
+  const int64_t g = (d + kGroupSize - 1) / kGroupSize;
+  TORCH_CHECK_VALUE(cache.dim() >= 1 && cache.size(-1) == d,
+                    "indexer_compress_cache must have shape [..., d] with d = ", d, " (from x), got ",
+                    py_tuple(cache.sizes()));
+  TORCH_CHECK_VALUE(scale.dim() >= 1 && scale.size(-1) == g,
+                    "indexer_compress_scale must have shape [..., G] with G = ceil(", d, "/128) = ", g, ", got ",
+                    py_tuple(scale.sizes()));
+  const int64_t n = cache.numel() / d;
+  TORCH_CHECK_VALUE(scale.numel() / g == n, "indexer_compress_scale has ", scale.numel() / g,
+                    " rows but indexer_compress_cache has ", n, "; they must match");
+  const int64_t t_rows = x.numel() / d;
+  TORCH_CHECK_VALUE(slot_mapping.numel() == t_rows, "slot_mapping must have one element per row of x (", t_rows,
+                    "), got ", slot_mapping.numel());
+}
+
+// Rows to skip because a later row names the same slot; empty when every valid slot is unique (the
+// normal case, which then allocates nothing).
+class LaterRowWins {
+ public:
+  template <typename Slot>
+  LaterRowWins(const Slot* sp, int64_t t, int64_t n) {
+    if (t <= 16) {
+      // Decode sizes: a few dozen compares beat any table.
+      for (int64_t r = 0; r < t; ++r) {
+        if (sp[r] < 0) continue;
+        for (int64_t k = r + 1; k < t; ++k) {
+          if (sp[k] == sp[r]) {
+            overwritten(r, t, sp[r]);
+            break;
+          }
+        }
+      }
+      return;
+    }
+    // Walk from the last row: a slot already seen belongs to a later row. A bitmap over the N slots
+    // while it is no larger than a hash table over the T rows would be; a hash table when N is huge.
+    const uint64_t words = (uint64_t(n) + 63) / 64;
+    if (words <= uint64_t(4 * t)) {
+      std::unique_ptr<uint64_t[]> seen(new uint64_t[words]());
+      for (int64_t r = t - 1; r >= 0; --r) {
+        const int64_t s = int64_t(sp[r]);
+        if (s < 0) continue;
+        const uint64_t bit = uint64_t(1) << (s & 63);
+        if (seen[s >> 6] & bit) {
+          overwritten(r, t, s);
+        } else {
+          seen[s >> 6] |= bit;
+        }
+      }
+    } else {
+      int shift = 64;
+      uint64_t cap = 1;
+      while (cap < uint64_t(2 * t)) cap <<= 1, --shift;
+      const uint64_t mask = cap - 1;
+      std::unique_ptr<int64_t[]> table(new int64_t[cap]);
+      std::fill_n(table.get(), cap, int64_t(-1));
+      for (int64_t r = t - 1; r >= 0; --r) {
+        const int64_t s = int64_t(sp[r]);
+        if (s < 0) continue;
+        // Fibonacci hashing: the top bits of s * 2^64/phi spread consecutive slots apart.
+        uint64_t h = shift >= 64 ? 0 : (uint64_t(s) * 0x9E3779B97F4A7C15ull) >> shift;
+        while (table[h] != -1 && table[h] != s) h = (h + 1) & mask;
+        if (table[h] == s) {
+          overwritten(r, t, s);
+        } else {
+          table[h] = s;
+        }
+      }
+    }
+  }
+
+  const uint8_t* skip() const { return skip_.empty() ? nullptr : skip_.data(); }
+  int64_t first_slot() const { return first_slot_; }
+
+ private:
+  void overwritten(int64_t row, int64_t t, int64_t slot) {
+    if (skip_.empty()) {
+      skip_.assign(size_t(t), 0);
+      first_slot_ = slot;
+    }
+    skip_[size_t(row)] = 1;
+  }
+
+  std::vector<uint8_t> skip_;
+  int64_t first_slot_ = -1;
+};
+
+template <typename Slot>
+void check_slots_and_run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
+                         const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
+  const int64_t t = slot_mapping.numel();
+  if (t == 0) return;
+  const int64_t n = cache.numel() / x.size(-1);
+  const Slot* sp = slot_mapping.const_data_ptr<Slot>();
+  Slot lo = sp[0], hi = sp[0];
+  for (int64_t r = 1; r < t; ++r) {
+    lo = std::min(lo, sp[r]);
+    hi = std::max(hi, sp[r]);
+  }
+  TORCH_CHECK_VALUE(int64_t(lo) >= -1 && int64_t(hi) < n, "slot_mapping values must lie in [-1, ", n,
+                    ") (-1 skips a row; ", n, " cache rows), got min ", int64_t(lo), " and max ", int64_t(hi));
+  const LaterRowWins dedup(sp, t, n);
+  TORCH_CHECK_VALUE(dedup.skip() == nullptr || !strict_mode(),
+                    "slot_mapping names the same cache row twice (e.g. slot ", dedup.first_slot(),
+                    "); rejected in strict mode (VLLM_INDEXER_EPILOG_STRICT=1)");
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      return dispatch_fmt<c10::BFloat16>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+      return dispatch_fmt<c10::BFloat16>(cache, scale, x, slot_mapping, quant_mode, round_scale, dedup.skip());
     case at::kHalf:
-      return dispatch_fmt<c10::Half>(cache, scale, x, slot_mapping, quant_mode, round_scale);
-    case at::kFloat:
-      return dispatch_fmt<float>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+      return dispatch_fmt<c10::Half>(cache, scale, x, slot_mapping, quant_mode, round_scale, dedup.skip());
     default:
-      TORCH_CHECK(false, "indexer_compress_epilog_cpu: unsupported x dtype");
+      return dispatch_fmt<float>(cache, scale, x, slot_mapping, quant_mode, round_scale, dedup.skip());
   }
+}
+
+// The op: every check, then the kernel. Nothing is written unless all checks pass.
+void checked_epilog(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
+                    const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
+  validate(cache, scale, x, slot_mapping, quant_mode);
+  if (slot_mapping.scalar_type() == at::kLong) {
+    check_slots_and_run<int64_t>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+  } else {
+    check_slots_and_run<int32_t>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+  }
+}
+
+// Boxed, so one function serves our schema (6 arguments) and Ascend's (7: a trailing `float scale`,
+// which only its default 1.0 may take); a Python caller is boxed already, so nothing is lost.
+void indexer_compress_epilog_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  const size_t n_args = op.schema().arguments().size();
+  auto args = torch::jit::last(*stack, n_args);
+  if (n_args == 7) {
+    const double s = args[6].toDouble();
+    TORCH_CHECK_VALUE(s == 1.0, "scale=", py_float_repr(s), " is not supported by the vllm_indexer_epilog kernels");
+  }
+  checked_epilog(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), args[3].toTensor(), args[4].toInt(),
+                 args[5].toBool());
+  torch::jit::drop(*stack, n_args);
+}
+
+// The schemas the boxed kernel can read: ours, or ours plus Ascend's `float scale` at the end.
+std::string unsupported_schema(const c10::FunctionSchema& schema) {
+  static const char* const kNames[] = {"indexer_compress_cache", "indexer_compress_scale", "x", "slot_mapping",
+                                       "quant_mode", "round_scale"};
+  const auto& a = schema.arguments();
+  if (!schema.returns().empty() || (a.size() != 6 && a.size() != 7)) return "unexpected arity";
+  for (size_t i = 0; i < 6; ++i) {
+    if (a[i].name() != kNames[i]) return "argument " + std::to_string(i) + " is " + a[i].name();
+  }
+  const bool types_ok = a[0].type()->kind() == c10::TypeKind::TensorType &&
+                        a[1].type()->kind() == c10::TypeKind::TensorType &&
+                        a[2].type()->kind() == c10::TypeKind::TensorType &&
+                        a[3].type()->kind() == c10::TypeKind::TensorType &&
+                        a[4].type()->kind() == c10::TypeKind::IntType && a[5].type()->kind() == c10::TypeKind::BoolType;
+  if (!types_ok) return "argument types differ";
+  if (a.size() == 7 && (a[6].name() != "scale" || a[6].type()->kind() != c10::TypeKind::FloatType)) {
+    return "extra argument " + a[6].name();
+  }
+  return "";
 }
 
 }  // namespace
 }  // namespace vie
 
 // The library name is a macro so that a second build (the portable one the tests check) can be loaded
-// beside the native one.
+// beside the native one. Its op has every check of the public one: no entry point writes unchecked.
 #ifndef VIE_LIBRARY_NAME
 #define VIE_LIBRARY_NAME vllm_indexer_epilog_cpu
 #endif
 
 TORCH_LIBRARY(VIE_LIBRARY_NAME, m) {
   m.def(
-      "quantize_scatter(Tensor(a!) cache, Tensor(b!) scale, Tensor x, Tensor slot_mapping, int quant_mode, "
-      "bool round_scale) -> ()");
-  m.impl("quantize_scatter", c10::DispatchKey::CPU, TORCH_FN(vie::indexer_compress_epilog_cpu));
+      "quantize_scatter(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, Tensor x, "
+      "Tensor slot_mapping, int quant_mode, bool round_scale) -> ()");
+  m.impl("quantize_scatter", c10::DispatchKey::CPU,
+         torch::CppFunction::makeFromBoxedFunction<&vie::indexer_compress_epilog_boxed>());
+}
+
+// Registers the boxed kernel as the CPU kernel of custom::indexer_compress_epilog. Called by Python
+// (backends/cpu.py), not at load time: Python decides whether the op lacks a CPU kernel, and a second
+// build (the portable test library) must never claim custom:: too. Returns 0 on success (or when already
+// registered by this library); otherwise 1 with the reason in `err`. No exception crosses ctypes.
+extern "C" __attribute__((visibility("default"))) int vie_register_cpu_kernel(char* err, size_t err_len) {
+  static std::mutex mu;
+  static std::unique_ptr<torch::Library> lib;
+  const std::lock_guard<std::mutex> guard(mu);
+  auto fail = [&](const std::string& why) {
+    std::snprintf(err, err_len, "%s", why.c_str());
+    return 1;
+  };
+  if (lib) return 0;
+  try {
+    const auto op = c10::Dispatcher::singleton().findSchema({"custom::indexer_compress_epilog", ""});
+    if (!op.has_value()) return fail("custom::indexer_compress_epilog is not defined");
+    const std::string why = vie::unsupported_schema(op->schema());
+    if (!why.empty()) return fail("unsupported schema (" + why + "): " + c10::toString(op->schema()));
+    auto l = std::make_unique<torch::Library>(torch::Library::IMPL, "custom", c10::DispatchKey::CPU, __FILE__,
+                                              __LINE__);
+    l->impl("indexer_compress_epilog",
+            torch::CppFunction::makeFromBoxedFunction<&vie::indexer_compress_epilog_boxed>());
+    lib = std::move(l);
+    return 0;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
 }

@@ -13,10 +13,30 @@ from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
 LIBRARY = "vllm_indexer_epilog_cpu_portable_test"
 
 
+def _cpu_kernel_line() -> str:
+    dump = torch._C._dispatch_dump("custom::indexer_compress_epilog")
+    return next((line for line in dump.splitlines() if line.startswith("CPU:")), "")
+
+
 @pytest.fixture(scope="module")
 def portable_op():
+    before = _cpu_kernel_line()
     build_cpu_kernel(march="x86-64", library=LIBRARY)
+    # Loading a second build registers its own namespace only; custom::'s CPU kernel is untouched.
+    assert _cpu_kernel_line() == before
     return getattr(torch.ops, LIBRARY).quantize_scatter
+
+
+def test_portable_build_checks_arguments(portable_op) -> None:
+    cache, scale = poisoned(8, 128, torch.float8_e4m3fn, 1, seed=0)
+    before = (as_bytes(cache).copy(), as_bytes(scale).copy())
+    x = random_x(2, 128, torch.bfloat16, seed=1)
+    with pytest.raises(ValueError, match="^slot_mapping values"):
+        portable_op(cache, scale, x, torch.tensor([1, 8]), 1, True)
+    with pytest.raises(ValueError, match="^indexer_compress_scale has 1 rows"):
+        portable_op(cache, scale[:1].contiguous(), x, torch.tensor([1, 2]), 1, True)
+    np.testing.assert_array_equal(as_bytes(cache), before[0])
+    np.testing.assert_array_equal(as_bytes(scale), before[1])
 
 
 def test_portable_build_golden(portable_op) -> None:

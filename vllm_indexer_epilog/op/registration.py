@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import envs
 from .reference import reference_indexer_compress_epilog
 from .schema import OP_NAME, QUALNAME, SCHEMA, defined_here, has_kernel, has_schema, mark_defined_here, schema
 from .spec import QUANT_MODE_STANDARD
@@ -77,14 +78,54 @@ def run_reference(
 def run_cpu(
     cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
 ) -> None:
-    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
-    check_slot_range(slot_mapping, p.slots)
-    if p.rows == 0:
-        return
+    """CPU calls that reach Python: before the compiled kernel is registered (first use on this machine),
+    or when it cannot be built. The compiled entry point runs every check itself."""
     from ..backends.cpu import LIBRARY, load_cpu_kernel
 
     if load_cpu_kernel():
+        _promote_native_cpu_kernel()
         getattr(torch.ops, LIBRARY).quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
+        return
+    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    check_slot_range(slot_mapping, p.slots, reject_duplicates=envs.strict())
+    if p.rows:
+        run_reference(cache, scale, x, last_row_wins(slot_mapping), quant_mode, round_scale)
+
+
+def last_row_wins(slot_mapping: torch.Tensor) -> torch.Tensor:
+    """slot_mapping with every row but the last one naming a slot set to -1 (what the compiled kernel
+    writes), so that a slot never mixes rows, whatever order an indexed write uses."""
+    flat = slot_mapping.reshape(-1)
+    valid = flat[flat >= 0]
+    uniq, inverse = torch.unique(valid, return_inverse=True)
+    if uniq.numel() == valid.numel():
+        return slot_mapping
+    rows = torch.arange(flat.numel(), device=flat.device)[flat >= 0]
+    last = torch.full_like(uniq, -1, dtype=torch.long).scatter_reduce_(0, inverse, rows, "amax")
+    out = flat.clone()
+    out[rows[last[inverse] != rows]] = -1
+    return out.view_as(slot_mapping)
+
+
+def _promote_native_cpu_kernel() -> None:
+    """Once the compiled kernel is loaded, make it the CPU kernel, so later calls skip Python.
+
+    Only when no CPU kernel exists (the op was defined here and CPU calls reach this through the
+    CompositeExplicitAutograd kernel): replacing a registered Python kernel while it runs is not safe.
+    """
+    from ..backends.cpu import native_kernel_registered, register_native_kernel
+
+    if not native_kernel_registered() and not has_kernel("CPU"):
+        register_native_kernel()
+
+
+def run_default(
+    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
+) -> None:
+    """CompositeExplicitAutograd: any device without its own kernel gets the reference; CPU gets here only
+    until the compiled kernel is registered (run_cpu builds and registers it on the first call)."""
+    if x.device.type == "cpu":
+        run_cpu(cache, scale, x, slot_mapping, quant_mode, round_scale)
     else:
         run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
 
@@ -136,12 +177,30 @@ def register() -> None:
         mark_defined_here()
     else:
         logger.info("%s already defined (schema %s); adding only missing kernels", QUALNAME, schema())
+    _register_cpu_kernel()
     # PrivateUse1 is the NPU's key: present only when Ascend's compiled op did not claim it.
-    for key, run in (("CPU", run_cpu), ("CUDA", run_cuda), ("PrivateUse1", run_npu)):
+    for key, run in (("CUDA", run_cuda), ("PrivateUse1", run_npu)):
         if not has_kernel(key):
             _lib.impl(OP_NAME, as_kernel(run), key)
     if defined_here():
-        # Any other device (XPU, MPS, ...) gets the reference: slow but exact.
-        _lib.impl(OP_NAME, as_kernel(run_reference), "CompositeExplicitAutograd")
+        # Any other device (XPU, MPS, ...) gets the reference: slow but exact. CPU tensors land here only
+        # while the compiled CPU kernel is not registered yet.
+        _lib.impl(OP_NAME, as_kernel(run_default), "CompositeExplicitAutograd")
     if not has_kernel("Meta"):
         torch.library.register_fake(QUALNAME, as_kernel(run_fake), lib=_lib)
+
+
+def _register_cpu_kernel() -> None:
+    """The CPU kernel is the compiled one, registered from C++ (no Python on the call path), whenever this
+    machine's build is cached. Otherwise: defined here, CPU calls fall to CompositeExplicitAutograd, whose
+    first CPU call builds and registers it; under a foreign schema, a Python kernel that calls the
+    compiled entry point (native from the next process on)."""
+    if has_kernel("CPU"):
+        return
+    from ..backends.cpu import load_prebuilt_kernel, register_native_kernel
+
+    if load_prebuilt_kernel() and register_native_kernel():
+        return
+    if not defined_here():
+        assert _lib is not None
+        _lib.impl(OP_NAME, as_kernel(run_cpu), "CPU")

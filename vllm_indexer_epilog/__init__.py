@@ -12,6 +12,7 @@ from .op.dequant import dequantize
 from .op.reference import reference_indexer_compress_epilog
 from .op.registration import register as _register
 from .op.spec import GROUP_SIZE, QUANT_MODE_MX, QUANT_MODE_STANDARD, num_groups
+from .op.validation import validate_options
 
 _register()
 
@@ -37,10 +38,13 @@ def indexer_compress_epilog(
 ) -> None:
     """Quantize each row of `x` per 128-group to FP8 and scatter codes and scales to `slot_mapping` rows.
 
-    Equivalent to `torch.ops.custom.indexer_compress_epilog(...)`; see shared/SPEC.md for the contract.
-    On an NPU it goes through npu_backend, which maps the call onto whichever Ascend kernel is installed
-    (torch.ops would reach Ascend's compiled op unmapped: int32 slots only).
+    The op of `torch.ops.custom.indexer_compress_epilog(...)` (contract: docs/SPEC.md), and the safe way to
+    call it from Python: torch's argument parser silently turns `round_scale=None` or `0` into False and
+    `quant_mode=True` into 1, whereas this raises TypeError/ValueError. On an NPU it goes through
+    backends/npu.py, which maps the call onto whichever Ascend kernel is installed (torch.ops would reach
+    Ascend's compiled op unmapped: int32 slots only).
     """
+    validate_options(quant_mode, round_scale)
     if x.device.type == "npu":
         from .backends.npu import write_split
 

@@ -29,3 +29,31 @@ def cache_dir() -> Path:
 
 def npu_backend() -> str:
     return os.environ.get(NPU_BACKEND, "auto").strip().lower()
+
+# ---- vLLM CPU indexer cache (integrations/vllm_cpu/indexer_cache.py, issue #11) ----
+
+STATS_DIR = PREFIX + "STATS_DIR"
+"""Folder: each vLLM process that writes or reads DeepSeek-V4's indexer cache keeps `indexer-epilog-<pid>.json`
+there up to date (mode, rows written, scale statistics, which reader ran). scripts/serve.sh prints them."""
+
+CAPTURE_DIR = PREFIX + "CAPTURE_DIR"
+"""Folder (debugging and the end-to-end tests): each indexer write also saves the compressor's rows, the
+slots, the cache rows as written and what vLLM's own write path writes for the same input, and each indexer
+top-k its selections, as `capture-<pid>-<n>.pt`. Slow; never for production."""
+
+CAPTURE_LIMIT = PREFIX + "CAPTURE_LIMIT"
+"""Most capture files one process writes (default 64)."""
+
+
+def stats_dir() -> Path | None:
+    value = os.environ.get(STATS_DIR, "").strip()
+    return Path(value) if value else None
+
+
+def capture_dir() -> Path | None:
+    value = os.environ.get(CAPTURE_DIR, "").strip()
+    return Path(value) if value else None
+
+
+def capture_limit() -> int:
+    return int(os.environ.get(CAPTURE_LIMIT, "64") or 64)

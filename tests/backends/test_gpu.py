@@ -1,7 +1,7 @@
 """CUDA-only checks of the Triton backend (run by scripts/gpu_check.sh; skipped without a GPU).
 
 Goldens, property tests, validation and slot handling (test_triton_slots.py) already run on CUDA
-through conftest's backends; these add what only a GPU has: every 16-bit input pattern through the
+through the shared backends (tests/helpers.py); these add what only a GPU has: every 16-bit input pattern through the
 real kernel, CUDA graphs, torch.compile, a non-default stream and large problems.
 """
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import as_bytes, poisoned, random_x
+from helpers import as_bytes, each, poisoned, random_x
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
 
 pytestmark = [
@@ -19,8 +19,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-MODES = [(1, True), (0, True), (0, False)]
-MODE_IDS = ["standard", "mx_ceil", "mx_floor"]
 
 
 def run_both(x: torch.Tensor, slots: torch.Tensor, n: int, cache_dtype, quant_mode: int, round_scale: bool, seed: int = 0):
@@ -38,24 +36,22 @@ def assert_same(got, want) -> None:
     np.testing.assert_array_equal(as_bytes(got[1]), as_bytes(want[1]))
 
 
-@pytest.mark.parametrize("src", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
-def test_every_16bit_pattern_at_many_scales(src, cache_dtype, mode) -> None:
+@each(cache_dtype=True, x_dtype=[torch.bfloat16, torch.float16])
+def test_every_16bit_pattern_at_many_scales(x_dtype, cache_dtype, mode) -> None:
     """All 2^16 bit patterns (NaN, Inf, subnormals, ties) in groups shuffled into many different amaxes,
     and again multiplied by powers of two, through the real GPU kernel."""
-    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(src)
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(x_dtype)
     g = torch.Generator().manual_seed(0)
     rows = [patterns.view(-1, 128), patterns[torch.randperm(patterns.numel(), generator=g)].view(-1, 128)]
     for k in (-8, 3):
-        rows.append((patterns.float() * 2.0**k).to(src).view(-1, 128))
+        rows.append((patterns.float() * 2.0**k).to(x_dtype).view(-1, 128))
     x = torch.cat(rows)
     slots = torch.randperm(x.shape[0], generator=g)
     got, want = run_both(x, slots, x.shape[0], cache_dtype, *mode)
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@each()
 @pytest.mark.parametrize("t,d", [(1, 128), (64, 128), (8, 4096)])
 def test_cuda_graph_capture_and_replay(mode, t, d) -> None:
     quant_mode, round_scale = mode
@@ -85,7 +81,7 @@ def test_cuda_graph_capture_and_replay(mode, t, d) -> None:
         assert_same((cache, scale), (want_c, want_s))
 
 
-@pytest.mark.parametrize("mode", MODES, ids=MODE_IDS)
+@each()
 def test_torch_compile_fullgraph_cuda(mode) -> None:
     quant_mode, round_scale = mode
     torch._dynamo.reset()

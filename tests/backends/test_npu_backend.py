@@ -1,4 +1,4 @@
-"""The NPU backend choice (npu_backend.py): which implementation serves which call, the override, logging once,
+"""The NPU backend choice (backends/npu.py): which implementation serves which call, the override, logging once,
 and the mapping onto Ascend's compiled ops. CPU tensors stand in for NPU tensors."""
 
 from __future__ import annotations
@@ -9,13 +9,17 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 import torch
 
-from fakes.ascend_standin import CUSTOM_OPS_DIR, FAKE_DIR, boot, carve_packed, expected_packed  # noqa: F401
-from conftest import ROOT, poisoned, random_x
+from fakes.ascend_standin import CUSTOM_OPS_DIR, FAKE_DIR, carve_packed, expected_packed
+from helpers import ROOT, poisoned, random_x
 from vllm_indexer_epilog.backends import npu as npu_backend
+from vllm_indexer_epilog import envs
 from vllm_indexer_epilog.backends.npu import NpuBackend, write_packed, write_split
+from vllm_indexer_epilog.op.reference import mx_exponent, standard_scale
+from vllm_indexer_epilog.op.spec import FP8_FORMATS
 
 
 def _spec(standin, scale_dtype=torch.float32, bs=8, dtype=torch.float8_e4m3fn):
@@ -38,7 +42,7 @@ def _slots(t, n, seed=0):
         (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e8m0fnu, 0, NpuBackend.REFERENCE),
     ],
 )
-def test_packed_writes_choose_v2_only_where_it_fits(boot, x_dtype, cache_dtype, scale_dtype, quant_mode, want) -> None:  # noqa: F811
+def test_packed_writes_choose_v2_only_where_it_fits(boot, x_dtype, cache_dtype, scale_dtype, quant_mode, want) -> None:
     standin = boot("A5")
     cache = carve_packed(_spec(standin, scale_dtype, dtype=cache_dtype), 4, pad=16)
     x = random_x(20, 128, x_dtype, 1, specials=3)
@@ -49,7 +53,7 @@ def test_packed_writes_choose_v2_only_where_it_fits(boot, x_dtype, cache_dtype, 
     assert torch.equal(cache.raw, expect)
 
 
-def test_without_compiled_ops_everything_is_the_reference(boot, monkeypatch) -> None:  # noqa: F811
+def test_without_compiled_ops_everything_is_the_reference(boot, monkeypatch) -> None:
     standin = boot("A5")
     monkeypatch.setattr(npu_backend, "c_ascend_v2_installed", lambda: False)
     cache = carve_packed(_spec(standin), 2)
@@ -61,7 +65,7 @@ def test_without_compiled_ops_everything_is_the_reference(boot, monkeypatch) -> 
     assert write_split(k, s, x, slots) is NpuBackend.REFERENCE  # our own definition: no Ascend op
 
 
-def test_choice_is_logged_once_per_reason(boot, caplog) -> None:  # noqa: F811
+def test_choice_is_logged_once_per_reason(boot, caplog) -> None:
     standin = boot("A5")
     caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
     cache = carve_packed(_spec(standin), 2)
@@ -81,9 +85,9 @@ def test_choice_is_logged_once_per_reason(boot, caplog) -> None:  # noqa: F811
         ("custom_ops", "split", "not installed"),
     ],
 )
-def test_forced_backend_that_cannot_serve_is_an_error(boot, monkeypatch, value, layout, error) -> None:  # noqa: F811
+def test_forced_backend_that_cannot_serve_is_an_error(boot, monkeypatch, value, layout, error) -> None:
     standin = boot("A5")
-    monkeypatch.setenv(npu_backend.BACKEND_ENV, value)
+    monkeypatch.setenv(envs.NPU_BACKEND, value)
     cache = carve_packed(_spec(standin), 2)
     before = cache.raw.clone()
     x, slots = random_x(4, 128, torch.bfloat16, 0), _slots(4, 16)
@@ -95,9 +99,9 @@ def test_forced_backend_that_cannot_serve_is_an_error(boot, monkeypatch, value, 
     assert torch.equal(cache.raw, before)
 
 
-def test_forced_reference_pins_the_exact_path(boot, monkeypatch) -> None:  # noqa: F811
+def test_forced_reference_pins_the_exact_path(boot, monkeypatch) -> None:
     standin = boot("A5")
-    monkeypatch.setenv(npu_backend.BACKEND_ENV, "reference")
+    monkeypatch.setenv(envs.NPU_BACKEND, "reference")
     cache = carve_packed(_spec(standin), 2)
     assert write_packed(cache.values, cache.scales, random_x(4, 128, torch.bfloat16, 0), _slots(4, 16)) is NpuBackend.REFERENCE
     assert standin.v2_calls == []
@@ -115,7 +119,7 @@ def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -
         from vllm_indexer_epilog.backends import npu as npu_backend
         from vllm_indexer_epilog.op import registration, schema
         from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
-        from conftest import poisoned, random_x
+        from helpers import poisoned, random_x
         assert not schema.defined_here() and npu_backend.ascend_custom_op_installed()
         for x_dtype, quant_mode, want, calls in ((torch.bfloat16, 1, "custom_ops", 1), (torch.float16, 0, "custom_ops", 2),
                                                  (torch.float32, 1, "reference", 2)):
@@ -144,7 +148,7 @@ def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -
     assert out.stdout.strip().endswith("ok")
 
 
-def test_split_writes_validate_like_every_backend(boot) -> None:  # noqa: F811
+def test_split_writes_validate_like_every_backend(boot) -> None:
     boot("A5")
     k, s = poisoned(16, 128, torch.float8_e4m3fn, 1, 3)
     before = k.clone()
@@ -155,24 +159,27 @@ def test_split_writes_validate_like_every_backend(boot) -> None:  # noqa: F811
     assert torch.equal(k.view(torch.uint8), before.view(torch.uint8))
 
 
-def test_what_the_compiled_ascend_scale_differs_by() -> None:
-    """Both Ascend C kernels (cann-recipes-infer's and vllm-ascend's v2) compute the standard scale as
-    a * fl(1/448), the reciprocal stored as 0x3b124925, where SPEC.md asks for fl(a/448). Measured here over
-    every finite positive bfloat16 amax: how often the two scales differ (README "Ascend" quotes it)."""
-    inv = torch.tensor([0x3B124925], dtype=torch.int32).view(torch.float32)
-    assert inv.item() == torch.tensor(1 / 448, dtype=torch.float32).item()  # it is the rounded reciprocal
+def test_package_scales_against_the_compiled_ascend_rule() -> None:
+    """The package's scale functions (what the reference and so every NPU fallback writes) against the rule
+    both Ascend C kernels (cann-recipes-infer's and vllm-ascend's v2) use: a * fl(1/448), the reciprocal
+    stored as 0x3b124925, where SPEC.md asks for fl(a/448). Over every finite positive bfloat16 amax:
+    the package's standard scale is the correctly rounded quotient; the Ascend rule differs from it, by one
+    ulp, for 53.5 % of them (README "Ascend" quotes this figure); MX (round_scale) exponents never differ."""
+    fmt = FP8_FORMATS[torch.float8_e4m3fn]
     a = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     a = a[torch.isfinite(a) & (a > 0)]
-    differ = (a * inv != a / 448).float().mean().item()
-    assert 0.53 < differ < 0.54
-    # Never by more than one ulp of the scale.
-    ulps = (a * inv).view(torch.int32) - (a / 448).view(torch.int32)
-    assert ulps.abs().max().item() == 1
-    # MX (round_scale) scales take the ceil of the exponent, and there the two never disagree.
-    floored = a.clamp(min=1e-4)
+    ours = standard_scale(a, fmt)
+    exact = torch.from_numpy((a.double().numpy() / 448.0).astype(np.float32)).view(torch.int32)
+    assert torch.equal(ours, exact)
+    inv = torch.tensor([0x3B124925], dtype=torch.int32).view(torch.float32)
+    assert inv.item() == torch.tensor(1 / 448, dtype=torch.float32).item()  # it is the rounded reciprocal
+    ascend = (a * inv).view(torch.int32)
+    differ = (ascend != ours).double().mean().item()
+    assert round(differ * 100, 1) == 53.5
+    assert (ascend - ours).abs().max().item() == 1
 
-    def ceil_exponent(s: torch.Tensor) -> torch.Tensor:
-        bits = s.view(torch.int32)
-        return ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).int()
+    def ascend_ceil_exponent(amax: torch.Tensor) -> torch.Tensor:
+        bits = (amax.clamp(min=1e-4) * inv).view(torch.int32)
+        return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
 
-    assert torch.equal(ceil_exponent(floored * inv), ceil_exponent(floored / 448))
+    assert torch.equal(mx_exponent(a, fmt, round_scale=True), ascend_ceil_exponent(a))

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BACKENDS, as_bytes, poisoned, random_x
+from helpers import BACKENDS, as_bytes, each, poisoned, random_x
 
 pytestmark = pytest.mark.skipif("triton" not in BACKENDS, reason="triton not installed")
 
 
-@pytest.mark.parametrize("mode", [(1, True), (0, True), (0, False)], ids=["standard", "mx_ceil", "mx_floor"])
+@each()
 def test_out_of_range_rows_skipped_without_error(mode, monkeypatch) -> None:
     monkeypatch.delenv("VLLM_INDEXER_EPILOG_STRICT", raising=False)
     fn, device = BACKENDS["triton"]

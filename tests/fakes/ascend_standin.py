@@ -1,5 +1,7 @@
 """Boots the stand-in NPU layer (tests/fakes/npu) with the plugin's hooks installed, and carves packed caches
-the way vllm-ascend's model runner does (one raw page per block; values, scales and whole-block views)."""
+the way vllm-ascend's model runner does (one raw page per block; values, scales and whole-block views).
+
+A pytest plugin (tests/conftest.py names it in `pytest_plugins`): its `boot` fixture reaches every test."""
 
 from __future__ import annotations
 
@@ -52,12 +54,13 @@ def boot(monkeypatch: pytest.MonkeyPatch):
     As in vLLM, the plugin registers before vllm-ascend imports its attention and model modules, so the
     hooks install on those imports; `register_first=False` registers after them instead.
     """
+    from vllm_indexer_epilog import envs
     from vllm_indexer_epilog.backends import npu as npu_backend
     from vllm_indexer_epilog.integrations import plugin
     from vllm_indexer_epilog.integrations import patching as site
 
     monkeypatch.syspath_prepend(str(FAKE_DIR))
-    monkeypatch.delenv(npu_backend.BACKEND_ENV, raising=False)
+    monkeypatch.delenv(envs.NPU_BACKEND, raising=False)
     fake_ops = importlib.import_module("fake_ascend_ops")  # defines _C_ascend's op once per process
     site._logged.clear()
     npu_backend._logged.clear()

@@ -11,8 +11,8 @@ import logging
 import pytest
 import torch
 
-from fakes.ascend_standin import boot, carve_packed, expected_packed, vllm_config  # noqa: F401  (boot: fixture)
-from conftest import random_x
+from fakes.ascend_standin import carve_packed, expected_packed, vllm_config
+from helpers import random_x
 from vllm_indexer_epilog.integrations.config import EpilogConfigError
 from vllm_indexer_epilog.integrations.vllm_ascend import deepseek_v4_indexer as hook
 from vllm_indexer_epilog.op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD
@@ -38,11 +38,30 @@ def _cache_and_batch(standin, flag, *, blocks=5, bs=16, pad=0, tokens=40, seed=0
     return spec, cache, x, slots
 
 
+def _expected_mx(cache, x, slots, round_scale):
+    """MX on the standard page: MX codes, and each row's e8m0 scale stored as the float32 2^e it stands for."""
+    from vllm_indexer_epilog.op.dequant import mx_scales_to_float32
+    from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
+
+    nb, bs, _, d = cache.values.shape
+    rows_v = cache.values.reshape(nb * bs, d).clone()
+    rows_s = cache.scales.reshape(nb * bs, 1).clone()
+    e8 = torch.zeros(nb * bs, 1, dtype=torch.float8_e8m0fnu)
+    reference_indexer_compress_epilog(rows_v, e8, x, slots, quant_mode=QUANT_MODE_MX, round_scale=round_scale)
+    written = slots[slots >= 0].long()
+    rows_s[written] = mx_scales_to_float32(e8[written])
+    want = cache.raw.clone()
+    pages = want.view(nb, cache.page)
+    pages[:, : bs * d] = rows_v.view(torch.uint8).view(nb, bs * d)
+    pages[:, bs * d: bs * (d + 4)] = rows_s.view(torch.uint8).view(nb, bs * 4)
+    return want
+
+
 @pytest.mark.parametrize(
     ("flag", "scale_dtype"),
-    [(None, torch.float32), ({"quant_mode": "standard"}, torch.float32), (MX, torch.float8_e8m0fnu)],
+    [(None, torch.float32), ({"quant_mode": "standard"}, torch.float32), (MX, torch.float32)],
 )
-def test_allocation_follows_the_mode(boot, flag, scale_dtype) -> None:  # noqa: F811
+def test_allocation_follows_the_mode(boot, flag, scale_dtype) -> None:
     standin = boot("A5")
     layer = standin.indexer.AscendDeepseekV4IndexerCache(D, torch.bfloat16)
     spec = layer.get_kv_cache_spec(vllm_config(flag, block_size=64))
@@ -52,7 +71,7 @@ def test_allocation_follows_the_mode(boot, flag, scale_dtype) -> None:  # noqa: 
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
-def test_standard_mode_writes_through_v2(boot, slot_dtype) -> None:  # noqa: F811
+def test_standard_mode_writes_through_v2(boot, slot_dtype) -> None:
     standin = boot("A5")
     spec, cache, x, slots = _cache_and_batch(standin, None, pad=64, slot_dtype=slot_dtype)
     want = expected_packed(cache, x, slots, QUANT_MODE_STANDARD, True)
@@ -74,15 +93,15 @@ def test_standard_mode_writes_through_v2(boot, slot_dtype) -> None:  # noqa: F81
 
 
 @pytest.mark.parametrize("flag", [MX, MX_OCP])
-def test_mx_mode_packs_e8m0_and_the_reader_gets_powers_of_two(boot, flag) -> None:  # noqa: F811
+def test_mx_mode_keeps_the_standard_page_and_the_reader_gets_powers_of_two(boot, flag) -> None:
     standin = boot("A5")
     spec, cache, x, slots = _cache_and_batch(standin, flag, seed=3)
-    assert spec.scale_dtype == torch.float8_e8m0fnu
-    want = expected_packed(cache, x, slots, QUANT_MODE_MX, flag.get("round_scale", True))
+    assert spec.scale_dtype == torch.float32  # issue #13 gap 2: the page (and KV-cache plan) of standard mode
+    want = _expected_mx(cache, x, slots, flag.get("round_scale", True))
     ops = standin.indexer.AscendIndexerOps()
     ops.quantize_update_cache_and_select_topk(torch.randn(4, D, dtype=torch.bfloat16), x, cache.values,
                                               cache.scales, cache.full, slots)
-    assert standin.v2_calls == []  # v2 writes float32 scales only: the reference wrote the packed views
+    assert standin.v2_calls == []  # v2 quantizes in standard mode only: the registered op wrote the rows
     assert torch.equal(cache.raw, want)
     (read,) = ops.reads
     key_scale = read["key_dequant_scale"]
@@ -93,11 +112,10 @@ def test_mx_mode_packs_e8m0_and_the_reader_gets_powers_of_two(boot, flag) -> Non
 
 
 @pytest.mark.parametrize("flag", [None, MX])
-def test_split_stream_part1_writes_values_and_scales_and_skips_part3(boot, flag) -> None:  # noqa: F811
+def test_split_stream_part1_writes_values_and_scales_and_skips_part3(boot, flag) -> None:
     standin = boot("A5")
     spec, cache, x, slots = _cache_and_batch(standin, flag, pad=32, seed=5)
-    quant_mode = QUANT_MODE_MX if flag else QUANT_MODE_STANDARD
-    want = expected_packed(cache, x, slots, quant_mode, True)
+    want = _expected_mx(cache, x, slots, True) if flag else expected_packed(cache, x, slots, QUANT_MODE_STANDARD, True)
     ops = standin.indexer.AscendIndexerOps()
     ops.split_stream_update(x, cache.values, cache.scales, cache.full, slots)
     assert len(standin.v2_calls) == (0 if flag else 1)
@@ -106,18 +124,18 @@ def test_split_stream_part1_writes_values_and_scales_and_skips_part3(boot, flag)
     assert ops.quantize_key_and_update_cache(None, cache.values, cache.full, slots) == (None, None)
 
 
-def test_out_of_range_slots_never_write_outside(boot) -> None:  # noqa: F811
+def test_out_of_range_slots_never_write_outside(boot) -> None:
     standin = boot("A5")
     spec, cache, x, slots = _cache_and_batch(standin, MX, blocks=3, tokens=20)
     bad = slots.clone()
     bad[1], bad[2] = 3 * 16, -7  # one past the last row; below -1
     guarded = torch.where((bad >= -1) & (bad < 48), bad, -1)
-    want = expected_packed(cache, x, guarded, QUANT_MODE_MX, True)
+    want = _expected_mx(cache, x, guarded, True)
     standin.indexer.AscendIndexerOps().split_stream_update(x, cache.values, cache.scales, cache.full, bad)
     assert torch.equal(cache.raw, want)
 
 
-def test_strict_mode_raises_before_writing(boot, monkeypatch) -> None:  # noqa: F811
+def test_strict_mode_raises_before_writing(boot, monkeypatch) -> None:
     standin = boot("A5")
     monkeypatch.setenv("VLLM_INDEXER_EPILOG_STRICT", "1")
     spec, cache, x, slots = _cache_and_batch(standin, None)
@@ -129,14 +147,14 @@ def test_strict_mode_raises_before_writing(boot, monkeypatch) -> None:  # noqa: 
 
 
 @pytest.mark.parametrize("where", ["model", "additional"])
-def test_flag_is_read_from_either_config_place(boot, where) -> None:  # noqa: F811
+def test_flag_is_read_from_either_config_place(boot, where) -> None:
     standin = boot("A5")
     layer = standin.indexer.AscendDeepseekV4IndexerCache(D, torch.bfloat16)
     spec = layer.get_kv_cache_spec(vllm_config(MX, where=where))
-    assert spec.scale_dtype == torch.float8_e8m0fnu and hook.state.config.quant_mode == QUANT_MODE_MX
+    assert spec.scale_dtype == torch.float32 and hook.state.config.quant_mode == QUANT_MODE_MX
 
 
-def test_a2_without_flag_keeps_vllm_ascend_int8_path(boot, caplog) -> None:  # noqa: F811
+def test_a2_without_flag_keeps_vllm_ascend_int8_path(boot, caplog) -> None:
     standin = boot("A2")
     caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
     layer = standin.indexer.AscendDeepseekV4IndexerCache(D, torch.bfloat16)
@@ -159,14 +177,14 @@ def test_a2_without_flag_keeps_vllm_ascend_int8_path(boot, caplog) -> None:  # n
         ("A5", {"quantmode": "mx"}, "unknown"),
     ],
 )
-def test_unservable_or_bad_flag_fails_at_allocation(boot, device, flag, match) -> None:  # noqa: F811
+def test_unservable_or_bad_flag_fails_at_allocation(boot, device, flag, match) -> None:
     standin = boot(device)
     layer = standin.indexer.AscendDeepseekV4IndexerCache(D, torch.bfloat16)
     with pytest.raises(EpilogConfigError, match=match):
         layer.get_kv_cache_spec(vllm_config(flag))
 
 
-def test_enabled_false_leaves_everything_to_vllm_ascend(boot) -> None:  # noqa: F811
+def test_enabled_false_leaves_everything_to_vllm_ascend(boot) -> None:
     standin = boot("A5")
     spec, cache, x, slots = _cache_and_batch(standin, {"enabled": False, "quant_mode": "mx"})
     assert spec.scale_dtype == torch.float32 and hook.state.config is None
@@ -176,7 +194,7 @@ def test_enabled_false_leaves_everything_to_vllm_ascend(boot) -> None:  # noqa: 
     assert call["shape"] == tuple(cache.full.shape)
 
 
-def test_writes_before_any_allocation_stay_vllm_ascends(boot) -> None:  # noqa: F811
+def test_writes_before_any_allocation_stay_vllm_ascends(boot) -> None:
     """Until a worker allocated the cache through the hook, the write hooks defer to vllm-ascend."""
     standin = boot("A5")
     assert hook.state.config is None

@@ -8,8 +8,8 @@ import logging
 import pytest
 import torch
 
-from fakes.ascend_standin import boot, vllm_config  # noqa: F401  (boot: fixture)
-from conftest import poisoned, random_x
+from fakes.ascend_standin import vllm_config
+from helpers import poisoned, random_x
 from vllm_indexer_epilog.integrations.config import EpilogConfigError
 from vllm_indexer_epilog.integrations.vllm_ascend.sfa_li_c8 import SiteDrift
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
@@ -33,7 +33,7 @@ def _batch(t=30, seed=0, slot_dtype=torch.int64):
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
-def test_li_c8_write_is_one_fused_op_call(boot, slot_dtype) -> None:  # noqa: F811
+def test_li_c8_write_is_one_fused_op_call(boot, slot_dtype) -> None:
     standin = boot("A5")
     layer, kv_cache = _layer_and_caches(standin)
     x, slots = _batch(slot_dtype=slot_dtype)
@@ -48,7 +48,7 @@ def test_li_c8_write_is_one_fused_op_call(boot, slot_dtype) -> None:  # noqa: F8
     assert [c["dst_type"] for c in standin.calls("npu_dynamic_quant")] == [torch.int8]
 
 
-def test_with_ascend_hadamard_the_rotated_key_is_written(boot) -> None:  # noqa: F811
+def test_with_ascend_hadamard_the_rotated_key_is_written(boot) -> None:
     standin = boot("A5")
     h = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(1)))[0].to(torch.bfloat16)
     standin.sfa.AscendSFAImpl.k_hadamard = h
@@ -61,7 +61,7 @@ def test_with_ascend_hadamard_the_rotated_key_is_written(boot) -> None:  # noqa:
     assert torch.equal(kv_cache[2].view(N, D).view(torch.uint8), want_k.view(torch.uint8))
 
 
-def test_layers_without_li_c8_are_untouched(boot) -> None:  # noqa: F811
+def test_layers_without_li_c8_are_untouched(boot) -> None:
     standin = boot("A5")
     layer, kv_cache = _layer_and_caches(standin, enable_sparse_li_c8=False)
     kv_cache = (None, None, torch.zeros(N, D, dtype=torch.bfloat16), None)
@@ -78,7 +78,7 @@ def test_layers_without_li_c8_are_untouched(boot) -> None:  # noqa: F811
         ("A5", {"enabled": False}, {}, "disabled"),
     ],
 )
-def test_unsupported_configurations_keep_vllm_ascend_path(boot, caplog, device, flag, kw, why) -> None:  # noqa: F811
+def test_unsupported_configurations_keep_vllm_ascend_path(boot, caplog, device, flag, kw, why) -> None:
     standin = boot(device)
     caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
     layer = standin.sfa.AscendSFAImpl(vllm_config(flag), **kw)
@@ -91,7 +91,7 @@ def test_unsupported_configurations_keep_vllm_ascend_path(boot, caplog, device, 
     assert len(standin.calls("npu_scatter_nd_update_")) == 2  # vllm-ascend's own key and scale scatters
 
 
-def test_context_parallel_subclass_is_not_hooked(boot) -> None:  # noqa: F811
+def test_context_parallel_subclass_is_not_hooked(boot) -> None:
     standin = boot("A5")
     layer = standin.sfa.AscendSFAContextParallelImpl(vllm_config(None))
     assert layer._indexer_epilog is None
@@ -105,19 +105,19 @@ def test_context_parallel_subclass_is_not_hooked(boot) -> None:  # noqa: F811
         ({"quant_mode": "standard", "round_scale": "yes"}, "round_scale"),
     ],
 )
-def test_unservable_or_bad_flag_fails_at_layer_build(boot, flag, match) -> None:  # noqa: F811
+def test_unservable_or_bad_flag_fails_at_layer_build(boot, flag, match) -> None:
     standin = boot("A5")
     with pytest.raises(EpilogConfigError, match=match):
         standin.sfa.AscendSFAImpl(vllm_config(flag))
 
 
-def test_explicit_flag_on_a2_fails_at_layer_build(boot) -> None:  # noqa: F811
+def test_explicit_flag_on_a2_fails_at_layer_build(boot) -> None:
     standin = boot("A3")
     with pytest.raises(EpilogConfigError, match="A2/A3"):
         standin.sfa.AscendSFAImpl(vllm_config({"quant_mode": "standard"}))
 
 
-def test_a_write_out_of_the_expected_order_raises(boot) -> None:  # noqa: F811
+def test_a_write_out_of_the_expected_order_raises(boot) -> None:
     standin = boot("A5")
     layer, kv_cache = _layer_and_caches(standin)
     x, slots = _batch()
@@ -127,7 +127,7 @@ def test_a_write_out_of_the_expected_order_raises(boot) -> None:  # noqa: F811
     layer.forward("l1", x, kv_cache, slots)  # the next step starts clean
 
 
-def test_bad_cache_is_named_and_left_untouched(boot) -> None:  # noqa: F811
+def test_bad_cache_is_named_and_left_untouched(boot) -> None:
     standin = boot("A5")
     layer, kv_cache = _layer_and_caches(standin)
     bad_scale = torch.zeros(N, 1, dtype=torch.float16)
@@ -138,7 +138,7 @@ def test_bad_cache_is_named_and_left_untouched(boot) -> None:  # noqa: F811
     assert torch.equal(kv_cache[2].view(torch.uint8), before.view(torch.uint8))
 
 
-def test_an_empty_batch_writes_nothing(boot) -> None:  # noqa: F811
+def test_an_empty_batch_writes_nothing(boot) -> None:
     standin = boot("A5")
     layer, kv_cache = _layer_and_caches(standin)
     before = kv_cache[2].clone()
@@ -152,7 +152,7 @@ def test_an_empty_batch_writes_nothing(boot) -> None:  # noqa: F811
 
 
 @pytest.mark.parametrize(("reshape", "dsa_cp", "hooked"), [(False, False, True), (True, False, False), (False, True, False)])
-def test_release_layout_probes(boot, monkeypatch, reshape, dsa_cp, hooked) -> None:  # noqa: F811
+def test_release_layout_probes(boot, monkeypatch, reshape, dsa_cp, hooked) -> None:
     """vllm-ascend 0.23.0/0.24.0rc1 have no _use_li_c8_reshape_optim/_prepare_kv_for_parallel: the hook reads
     the Ascend config and the layer's enable_dsa_cp instead."""
     from vllm_indexer_epilog.integrations import plugin

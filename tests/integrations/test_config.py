@@ -78,7 +78,7 @@ def test_describe() -> None:
 def test_bundled_flag_examples_parse() -> None:
     import json
 
-    from conftest import ROOT
+    from helpers import ROOT
 
     files = sorted((ROOT / "configs").glob("indexer-epilog-*.json"))
     assert len(files) == 3

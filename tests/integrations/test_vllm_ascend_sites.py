@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import ast
 import functools
-import os
 import re
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 
+from vllm_indexer_epilog import envs
 from vllm_indexer_epilog.integrations.vllm_ascend import HOOKS, sfa_li_c8
 from vllm_indexer_epilog.integrations.vllm_ascend.deepseek_v4_indexer import CACHE_MODULES
 from vllm_indexer_epilog.integrations.patching import release, version_allowed
 
 RELEASES = ("0.23.0", "0.24.0rc1")
 LI_C8_RELEASES = {"0.23.0"}  # 0.24.0rc1 was cut (Aug 4) before the LI-C8 cache landed; 0.23.0 (Aug 17) has it
-WHEELS = Path(os.environ.get("VLLM_INDEXER_EPILOG_CACHE", Path.home() / ".cache" / "vllm_indexer_epilog")) / "vllm-ascend"
+WHEELS = envs.cache_dir() / "vllm-ascend"
 
 
 @functools.cache

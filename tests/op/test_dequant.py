@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import poisoned, random_x
+from helpers import each, poisoned, random_x
 from vllm_indexer_epilog import dequantize, indexer_compress_epilog
 from vllm_indexer_epilog.op.spec import FP8_FORMATS, GROUP_SIZE
 
@@ -18,9 +18,7 @@ def half_step(q: torch.Tensor, fmt) -> torch.Tensor:
     return 0.5 * torch.exp2(e - fmt.mantissa_bits)
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
-@pytest.mark.parametrize("mode", [(1, True), (0, True), (0, False)], ids=["standard", "mx_ceil", "mx_floor"])
-@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@each(cache_dtype=True, x_dtype=True)
 def test_round_trip_within_half_step(cache_dtype, mode, x_dtype) -> None:
     quant_mode, round_scale = mode
     fmt = FP8_FORMATS[cache_dtype]

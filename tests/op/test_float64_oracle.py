@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import float64_oracle as oracle
-from conftest import as_bytes, poisoned, random_x
+from helpers import BACKENDS, Mode, as_bytes, each, flushing_denormals, poisoned, random_x
 from vllm_indexer_epilog.op.reference import encode_fp8
 from vllm_indexer_epilog.op.spec import FP8_FORMATS
 
@@ -40,9 +40,9 @@ def test_encoder_on_random_float32_bits(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", FMT_NAMES)
-@pytest.mark.parametrize("mode", [(1, True), (0, True), (0, False)], ids=["standard", "mx_ceil", "mx_floor"])
+@each()
 @pytest.mark.parametrize("d", [1, 128, 300])
-def test_op_against_float64_model(name: str, mode: tuple[int, bool], d: int) -> None:
+def test_op_against_float64_model(name: str, mode: Mode, d: int) -> None:
     quant_mode, round_scale = mode
     t = 24
     x = random_x(t, d, torch.bfloat16, seed=d + quant_mode, specials=12)
@@ -52,3 +52,34 @@ def test_op_against_float64_model(name: str, mode: tuple[int, bool], d: int) -> 
     codes, scales = oracle.quantize(x.float().numpy(), name, quant_mode, round_scale)
     np.testing.assert_array_equal(as_bytes(cache), codes.reshape(-1))
     np.testing.assert_array_equal(as_bytes(scale), scales.view(np.uint8).reshape(-1))
+
+
+def tiny_rows(t: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Rows whose groups reach down into float32's subnormal range (bf16/float32 carry such values)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, d, generator=g) * torch.exp2(-torch.randint(100, 150, (t, 1), generator=g).float())
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("name", FMT_NAMES)
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("backend_name", ["reference", "cpu_kernel"])
+@each()
+def test_tiny_values_exact_under_flush_denormal(name: str, x_dtype: torch.dtype, backend_name: str, mode: Mode) -> None:
+    """Under torch.set_flush_denormal(True) the standard scale of a tiny group is a float32 subnormal and its
+    inputs are subnormals: the bytes must still be the float64 model's, on every poisoned byte."""
+    quant_mode, round_scale = mode
+    fn, _ = BACKENDS[backend_name]
+    t, d = 48, 256
+    x = tiny_rows(t, d, x_dtype, seed=31)
+    cache, scale = poisoned(t + 8, d, getattr(torch, name), quant_mode, seed=32)
+    slots = torch.randperm(t + 8, generator=torch.Generator().manual_seed(33))[:t]
+    want_c, want_s = as_bytes(cache).copy(), as_bytes(scale).copy()
+    codes, scales = oracle.quantize(x.float().numpy(), name, quant_mode, round_scale)
+    d_bytes, s_bytes = want_c.reshape(t + 8, -1), want_s.reshape(t + 8, -1)
+    d_bytes[slots.numpy()] = codes
+    s_bytes[slots.numpy()] = scales.view(np.uint8).reshape(t, -1)
+    with flushing_denormals():
+        fn(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
+    np.testing.assert_array_equal(as_bytes(cache), want_c)
+    np.testing.assert_array_equal(as_bytes(scale), want_s)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import GOLDEN_FILES, load_golden, random_x
+from helpers import GOLDEN_FILES, load_golden, random_x
 from vllm_indexer_epilog.op.geometry import block_buffer, packed_geometry, scales_after_values
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
 from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE, num_groups
@@ -37,7 +37,7 @@ def expected(raw, values, scales, x, slots, quant_mode, round_scale):
     return want
 
 
-@pytest.mark.parametrize("path", GOLDEN_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", GOLDEN_FILES, ids=[p.stem for p in GOLDEN_FILES])
 def test_golden_vectors_through_packed_blocks(path) -> None:
     """Each golden call, with its cache rows laid into packed blocks: the rows come out as the golden says."""
     z = load_golden(path)

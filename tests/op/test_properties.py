@@ -11,11 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import BACKENDS, as_bytes, poisoned, random_x
+from helpers import BACKENDS, CACHE_DTYPES, MODES, X_DTYPES, as_bytes, backend_or_skip, poisoned, random_x
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
-
-X_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-CACHE_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 
 
 @st.composite
@@ -29,7 +26,7 @@ def problems(draw, max_d: int, max_t: int):
         "d": d, "t": t, "n": n,
         "x_dtype": draw(st.sampled_from(X_DTYPES)),
         "cache_dtype": draw(st.sampled_from(CACHE_DTYPES)),
-        "mode": draw(st.sampled_from([(1, True), (0, True), (0, False)])),
+        "mode": draw(st.sampled_from(MODES)),
         "slot_dtype": draw(st.sampled_from([torch.int32, torch.int64])),
         "slot_style": slot_style,
         "specials": draw(st.sampled_from([0, 0, 3, 50])),
@@ -47,12 +44,6 @@ def make_slots(p: dict, device: str) -> torch.Tensor:
     elif p["slot_style"] == "all_skipped":
         slots[:] = -1
     return slots.to(p["slot_dtype"]).to(device)
-
-
-def backend_or_skip(name: str):
-    if name not in BACKENDS:
-        pytest.skip(f"backend {name} unavailable here")
-    return BACKENDS[name]
 
 
 def check_against_reference(fn, device: str, p: dict) -> None:
@@ -89,7 +80,7 @@ def test_triton_matches_reference(p: dict) -> None:
 def test_large_rows_cpu_kernel_threads() -> None:
     """Enough rows for every thread to get work, in every mode, against the reference."""
     fn, device = BACKENDS["cpu_kernel"]
-    for i, mode in enumerate([(1, True), (0, True), (0, False)]):
+    for i, mode in enumerate(MODES):
         p = {"d": 4096, "t": 700, "n": 1024, "x_dtype": torch.bfloat16, "cache_dtype": torch.float8_e4m3fn,
              "mode": mode, "slot_dtype": torch.int64, "slot_style": "with_skips", "specials": 20, "seed": 100 + i,
              "paged": True}

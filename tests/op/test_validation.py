@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import as_bytes, poisoned, random_x
+from helpers import BACKENDS, as_bytes, poisoned, random_x
 
 T, D, N = 6, 200, 10
 
@@ -87,8 +87,6 @@ def test_bad_input_named_and_nothing_written(case, backend) -> None:
 @pytest.mark.parametrize("slots", [c[1] for c in SLOT_RANGE_CASES], ids=[c[0] for c in SLOT_RANGE_CASES])
 @pytest.mark.parametrize("name", ["cpu_kernel", "reference"])
 def test_cpu_rejects_slots_out_of_range_before_writing(slots, name) -> None:
-    from conftest import BACKENDS
-
     fn, device = BACKENDS[name]
     a = good_args(device)
     a["slot_mapping"] = torch.tensor(slots, dtype=torch.int64)
@@ -106,3 +104,104 @@ def test_mixed_devices_named() -> None:
         from vllm_indexer_epilog.op.validation import validate_epilog_args
 
         validate_epilog_args(a["cache"], a["scale"], a["x"], a["slot_mapping"], 1, True)
+
+
+# Entry points a Python caller can reach with Python values: each must refuse bad outputs and bad options
+# before writing. The compiled CPU kernel behind torch.ops is covered by tests/backends/test_cpu_native.py.
+def _public(*args: object, **kwargs: object) -> None:
+    from vllm_indexer_epilog import indexer_compress_epilog
+
+    indexer_compress_epilog(*args, **kwargs)
+
+
+def _npu_split(*args: object, **kwargs: object) -> None:
+    from vllm_indexer_epilog.backends.npu import write_split
+
+    write_split(*args, **kwargs)
+
+
+ENTRY_POINTS = {"public_wrapper": _public, "reference": BACKENDS["reference"][0], "npu_write_split": _npu_split}
+if "triton" in BACKENDS:
+    ENTRY_POINTS["triton"] = BACKENDS["triton"][0]
+
+
+def _inference_copy(t: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return t.clone()
+
+
+OUTPUT_CASES = [
+    ("cache_requires_grad", "cache", lambda t: t.requires_grad_(), "indexer_compress_cache must not require grad"),
+    ("scale_requires_grad", "scale", lambda t: t.requires_grad_(), "indexer_compress_scale must not require grad"),
+    ("cache_inference", "cache", _inference_copy, "indexer_compress_cache is an inference tensor"),
+    ("scale_inference", "scale", _inference_copy, "indexer_compress_scale is an inference tensor"),
+]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("case", OUTPUT_CASES, ids=[c[0] for c in OUTPUT_CASES])
+@pytest.mark.parametrize("quant_mode", [0, 1])
+def test_unwritable_outputs_refused_before_writing(entry, case, quant_mode) -> None:
+    """requires_grad and inference tensors used outside inference mode: refused up front, on every entry
+    (torch would otherwise refuse the in-place write only after some backends had written part of it)."""
+    _, key, make, words = case
+    a = good_args("cpu", quant_mode)
+    a[key] = make(a[key])
+    before = (as_bytes(a["cache"]).copy(), as_bytes(a["scale"]).copy())
+    with pytest.raises(ValueError, match=words):
+        _call(ENTRY_POINTS[entry], a)
+    np.testing.assert_array_equal(as_bytes(a["cache"]), before[0])
+    np.testing.assert_array_equal(as_bytes(a["scale"]), before[1])
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+def test_inference_tensors_are_fine_inside_inference_mode(entry) -> None:
+    a = good_args("cpu")
+    with torch.inference_mode():
+        a["cache"], a["scale"] = a["cache"].clone(), a["scale"].clone()
+        before = as_bytes(a["cache"]).copy()
+        _call(ENTRY_POINTS[entry], a)
+    assert (as_bytes(a["cache"]) != before).any()
+
+
+OPTION_CASES = [
+    ("round_scale_none", {"round_scale": None}, TypeError, "round_scale must be a bool"),
+    ("round_scale_zero", {"round_scale": 0}, TypeError, "round_scale must be a bool"),
+    ("round_scale_one", {"round_scale": 1}, TypeError, "round_scale must be a bool"),
+    ("quant_mode_true", {"quant_mode": True}, ValueError, "quant_mode must be 0"),
+    ("quant_mode_float", {"quant_mode": 1.0}, ValueError, "quant_mode must be 0"),
+    ("quant_mode_none", {"quant_mode": None}, ValueError, "quant_mode must be 0"),
+]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS) + ["npu_write_packed"])
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
+def test_options_of_the_wrong_type_refused(entry, case) -> None:
+    _, options, exc, words = case
+    a = good_args("cpu")
+    a.update(options)
+    before = (as_bytes(a["cache"]).copy(), as_bytes(a["scale"]).copy())
+    with pytest.raises(exc, match=words):
+        if entry == "npu_write_packed":
+            from vllm_indexer_epilog.backends.npu import write_packed
+
+            # Options are checked before the layout, so plain tensors do here.
+            write_packed(a["cache"], a["scale"], a["x"], a["slot_mapping"],
+                         quant_mode=a["quant_mode"], round_scale=a["round_scale"])
+        else:
+            _call(ENTRY_POINTS[entry], a)
+    np.testing.assert_array_equal(as_bytes(a["cache"]), before[0])
+    np.testing.assert_array_equal(as_bytes(a["scale"]), before[1])
+
+
+def test_torch_ops_converts_options_silently() -> None:
+    """Why README sends Python callers to the public wrapper: torch's argument parser turns round_scale=None
+    into False and quant_mode=True into 1 before any kernel of ours runs, so those calls succeed there
+    (as MX-floor and standard writes) while the wrapper above refuses them."""
+    a = good_args("cpu", quant_mode=0)
+    want_c, want_s = a["cache"].clone(), a["scale"].clone()
+    torch.ops.custom.indexer_compress_epilog(want_c, want_s, a["x"], a["slot_mapping"], quant_mode=0, round_scale=False)
+    torch.ops.custom.indexer_compress_epilog(a["cache"], a["scale"], a["x"], a["slot_mapping"], quant_mode=0,
+                                             round_scale=None)
+    np.testing.assert_array_equal(as_bytes(a["cache"]), as_bytes(want_c))
+    np.testing.assert_array_equal(as_bytes(a["scale"]), as_bytes(want_s))

@@ -8,7 +8,7 @@ Two entries, one per cache layout:
      only index type), x float16/bfloat16 (it takes no float32), its extra `scale` left at 1.0.
   2. `reference`: the pure-torch reference on NPU tensors; slow, but exact and always there.
 
-`write_packed` -- vllm-ascend's packed-block cache (layouts.py; DeepSeek-V4's indexer on A5):
+`write_packed` -- vllm-ascend's packed-block cache (op/geometry.py; DeepSeek-V4's indexer on A5):
   1. `c_ascend_v2`: vllm-ascend's `_C_ascend.indexer_compress_epilog_v2`, where it fits: e4m3fn values,
      standard mode (float32 scales), x float16/bfloat16.
   2. `reference`, writing the two strided views.
@@ -26,19 +26,18 @@ from __future__ import annotations
 
 import enum
 import logging
-import os
 
 import torch
 
+from .. import envs
 from ..op import schema as op_schema
 from ..op.geometry import block_buffer
 from ..op.reference import reference_indexer_compress_epilog
 from ..op.spec import QUANT_MODE_STANDARD
-from ..op.validation import EpilogProblem, check_slot_range, strict_mode, validate_epilog_args
+from ..op.validation import EpilogProblem, check_slot_range, validate_epilog_args
 
 logger = logging.getLogger(__name__)
 
-BACKEND_ENV = "VLLM_INDEXER_EPILOG_NPU_BACKEND"
 _COMPILED_X_DTYPES = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 
@@ -53,14 +52,14 @@ _logged: set[tuple[str, NpuBackend, str]] = set()
 
 
 def _forced() -> NpuBackend | None:
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    value = envs.npu_backend()
     if value in ("", "auto"):
         return None
     try:
         return NpuBackend(value)
     except ValueError:
         raise ValueError(
-            f"{BACKEND_ENV}={value!r}: expected auto, " + ", ".join(b.value for b in NpuBackend)
+            f"{envs.NPU_BACKEND}={value!r}: expected auto, " + ", ".join(b.value for b in NpuBackend)
         ) from None
 
 
@@ -97,10 +96,10 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
     forced = _forced()
     if forced is not None:
         if forced not in (compiled, NpuBackend.REFERENCE):
-            raise RuntimeError(f"{BACKEND_ENV}={forced.value} cannot serve the {layout} cache layout")
+            raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} cannot serve the {layout} cache layout")
         if forced is compiled and why is not None:
-            raise RuntimeError(f"{BACKEND_ENV}={forced.value} but {why}")
-        chosen, reason = forced, f"forced by {BACKEND_ENV}"
+            raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} but {why}")
+        chosen, reason = forced, f"forced by {envs.NPU_BACKEND}"
     elif why is None:
         chosen, reason = compiled, "fits"
     else:
@@ -114,7 +113,7 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
 
 def _guarded_slots(slot_mapping: torch.Tensor, num_slots: int) -> torch.Tensor:
     """int32 slots with every value outside [-1, num_slots) made -1, computed on the device (no sync)."""
-    if strict_mode():
+    if envs.strict():
         check_slot_range(slot_mapping, num_slots, reject_duplicates=True)
     s = slot_mapping.reshape(-1)
     return torch.where((s >= -1) & (s < num_slots), s, -1).to(torch.int32)
@@ -152,7 +151,7 @@ def write_packed(
     quant_mode: int = QUANT_MODE_STANDARD,
     round_scale: bool = True,
 ) -> NpuBackend:
-    """The op on the two views of a packed-block cache (layouts.py); returns the backend that ran."""
+    """The op on the two views of a packed-block cache (op/geometry.py); returns the backend that ran."""
     p = validate_epilog_args(values, scales, x, slot_mapping, quant_mode, round_scale, packed=True)
     backend = _choose("packed", p, x)
     slots = _guarded_slots(slot_mapping, p.slots)
@@ -164,3 +163,50 @@ def write_packed(
             values, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale, packed=True
         )
     return backend
+
+
+def write_packed_mx_as_float32(
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    x: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    round_scale: bool = True,
+) -> None:
+    """MX mode on a packed-block cache laid out for standard mode (float32 scale slots; issue #13 gap 2).
+
+    The rows go through the registered op (`torch.ops.custom.indexer_compress_epilog`, quant_mode=0) into
+    contiguous temporaries, then the codes and each row's e8m0 scale, widened to the float32 2^e it stands
+    for (exact), are put at the slots. The pages, dtypes and so vLLM's KV-cache plan are those of standard
+    mode (no e8m0 page, no re-padding of DeepSeek-V4's compressor state), and the lightning indexer reads
+    the float32 scales as it does in standard mode. Slots outside [-1, N) are dropped as in every entry.
+    """
+    from ..op.dequant import mx_scales_to_float32
+    from ..op.spec import QUANT_MODE_MX, SCALE_DTYPE_BY_MODE, num_groups
+
+    if values.dim() != 4 or scales.dim() != 4 or values.shape[:3] != scales.shape[:3]:
+        raise ValueError(f"packed views [nb, bs, 1, d] / [nb, bs, 1, G] expected, got {tuple(values.shape)} "
+                         f"and {tuple(scales.shape)}")
+    if scales.dtype != torch.float32:
+        raise ValueError(f"scales: float32 slots expected (standard layout), got {scales.dtype}")
+    nb, bs, _, d = values.shape
+    g = num_groups(d)
+    if scales.shape[-1] != g:
+        raise ValueError(f"scales: {g} groups per row expected for d={d}, got {scales.shape[-1]}")
+    rows = x.reshape(-1, d)
+    t = rows.shape[0]
+    codes = torch.empty(t, d, dtype=values.dtype, device=values.device)
+    exps = torch.empty(t, g, dtype=SCALE_DTYPE_BY_MODE[QUANT_MODE_MX], device=values.device)
+    torch.ops.custom.indexer_compress_epilog(codes, exps, rows, torch.arange(t, device=values.device),
+                                             quant_mode=QUANT_MODE_MX, round_scale=round_scale)
+    slots = _guarded_slots(slot_mapping, nb * bs).long()
+    keep = slots >= 0
+    s = slots[keep]
+    block, off = s // bs, s % bs
+    values[block, off] = codes[keep].unsqueeze(1)
+    scales[block, off] = mx_scales_to_float32(exps[keep]).unsqueeze(1)
+    key = ("packed", NpuBackend.REFERENCE, "mx")
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("vllm_indexer_epilog: NPU packed-cache MX writes go through custom.indexer_compress_epilog "
+                    "into float32 scale slots (the standard layout)")

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import envs
 from ..op.spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_STANDARD
-from ..op.validation import check_slot_range, strict_mode, validate_epilog_args
+from ..op.validation import check_slot_range, validate_epilog_args
 
 
 @triton.jit
@@ -99,10 +100,14 @@ def triton_indexer_compress_epilog(
     quant_mode: int = QUANT_MODE_STANDARD,
     round_scale: bool = True,
 ) -> None:
-    """Launch the kernel on x's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    """Launch the kernel on x's device (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Two rows naming one slot: one of them wins, which is unspecified (checking would cost a host sync);
+    strict mode rejects them.
+    """
     p = validate_epilog_args(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
-    if strict_mode() and not capturing:  # a capture cannot sync; replays keep the on-device skip
+    if envs.strict() and not capturing:  # a capture cannot sync; replays keep the on-device skip
         check_slot_range(slot_mapping, p.slots, reject_duplicates=True)
     pairs = p.rows * p.groups
     if pairs == 0:

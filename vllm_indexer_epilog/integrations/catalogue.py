@@ -25,6 +25,9 @@ class PatchSite:
 _DECLARING_MODULES = (
     "vllm_indexer_epilog.integrations.vllm_ascend.deepseek_v4_indexer",
     "vllm_indexer_epilog.integrations.vllm_ascend.sfa_li_c8",
+    "vllm_indexer_epilog.integrations.vllm_cpu",
+    "vllm_indexer_epilog.integrations.model_build",
+    "vllm_indexer_epilog.integrations.vllm_cpu.indexer_cache",
 )
 
 

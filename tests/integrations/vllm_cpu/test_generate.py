@@ -1,0 +1,124 @@
+"""The bundled tiny DeepSeek-V4 generates through vLLM's CPU platform on this (AVX2) host, with the compat
+layer installed by the plugin: offline (vllm.LLM) and through the `vllm serve` CLI on 127.0.0.1. One prompt
+of each pair is past 2048 tokens, so the indexer's top-k reads its cache (max_seq_len // 4 > index_topk);
+the plugin's call log (VLLM_INDEXER_EPILOG_CPU_CALL_LOG) shows fp8_paged_mqa_logits_cpu and
+topk_transform_512_cpu ran. Each vLLM runs in its own process; every wait is bounded. ~4-5 minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+MODEL = ROOT / "configs" / "dsv4-tiny"
+LONG = 2300  # > 4 * index_topk (512) = 2048
+INDEXER_READ_OPS = {"fp8_paged_mqa_logits_cpu", "topk_transform_512_cpu"}
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="vLLM's CPU platform on Linux")
+
+
+def _env(call_log: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_INDEXER_EPILOG_CPU_CALL_LOG=str(call_log), PYTHONUNBUFFERED="1")
+    env.pop("TRITON_INTERPRET", None)  # tests/conftest.py sets it for the Triton backend tests; not for vLLM
+    return env
+
+
+def _ops_called(call_log: Path) -> set[str]:
+    if not call_log.exists():
+        return set()
+    return {line.split()[1] for line in call_log.read_text().splitlines() if len(line.split()) == 3}
+
+
+def test_offline_generate(tmp_path: Path) -> None:
+    call_log = tmp_path / "calls.txt"
+    cmd = [sys.executable, str(HERE / "tiny_generate.py"), "--lens", "16", str(LONG), "--max-tokens", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(call_log), capture_output=True, text=True, timeout=420)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    result = json.loads(line[len("RESULT "):])
+    assert [len(t) for t in result["tokens"]] == [3, 3], result
+    assert all(0 <= tok < 1024 for toks in result["tokens"] for tok in toks)
+    assert "vllm_cpu: defined 16 op(s)" in out
+    assert INDEXER_READ_OPS <= _ops_called(call_log), call_log.read_text() if call_log.exists() else "no call log"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: dict, timeout: float) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM the server (it shuts its engine down), SIGKILL its process group after `grace` seconds."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the group started with the server: its engine core and worker
+        proc.wait(timeout=10)
+
+
+def test_vllm_serve_completions(tmp_path: Path) -> None:
+    vllm_cli = Path(sys.executable).with_name("vllm")
+    assert vllm_cli.exists(), "the vllm console script (vllm-cpu) is not installed next to this Python"
+    version = subprocess.run([str(vllm_cli), "--version"], capture_output=True, text=True, timeout=120,
+                             env=_env(tmp_path / "v.txt"))
+    assert version.returncode == 0 and "+cpu" in version.stdout, version.stdout + version.stderr[-2000:]
+
+    call_log = tmp_path / "calls.txt"
+    port = _free_port()
+    log = (tmp_path / "serve.log").open("w")
+    cmd = [str(vllm_cli), "serve", str(MODEL), "--load-format", "dummy", "--skip-tokenizer-init", "--enforce-eager",
+           "--max-model-len", "4096", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.1",
+           "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(call_log), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert proc.poll() is None, "server exited:\n" + (tmp_path / "serve.log").read_text()[-6000:]
+            assert time.monotonic() < deadline, \
+                "server not healthy in 300 s:\n" + (tmp_path / "serve.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(2)
+        for n in (16, LONG):
+            prompt = [(7 * i + 3) % 1000 + 2 for i in range(n)]
+            body = {"model": str(MODEL), "prompt": prompt, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True,
+                    "return_token_ids": True}
+            reply = _post(base + "/v1/completions", body, timeout=180)
+            (choice,) = reply["choices"]
+            assert reply["usage"]["prompt_tokens"] == n and reply["usage"]["completion_tokens"] == 2, reply
+            assert choice["finish_reason"] == "length", reply
+    finally:
+        _stop(proc)
+        log.close()
+    assert INDEXER_READ_OPS <= _ops_called(call_log), (tmp_path / "serve.log").read_text()[-4000:]

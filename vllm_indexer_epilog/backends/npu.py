@@ -2,7 +2,8 @@
 
 Two entries, one per cache layout:
 
-`write_split` -- the op's own contract (contiguous cache and scale; DeepSeek-V3.2's LI-C8 cache):
+`write_split` -- contiguous cache and scale (DeepSeek-V3.2's LI-C8 cache); a packed-block pair given to the
+  op goes to `write_packed`:
   1. `custom_ops`: cann-recipes-infer's compiled Ascend C op (Ascend 950), when its package defined
      `custom::indexer_compress_epilog`. Our call is mapped onto its schema: slot_mapping as int32 (its
      only index type), x float16/bfloat16 (it takes no float32), its extra `scale` left at 1.0.
@@ -128,8 +129,11 @@ def write_split(
     quant_mode: int = QUANT_MODE_STANDARD,
     round_scale: bool = True,
 ) -> NpuBackend:
-    """The op on contiguous cache and scale tensors (the op's contract); returns the backend that ran."""
+    """The op on contiguous cache and scale tensors; returns the backend that ran. A packed-block pair (the
+    op's other accepted layout, op/geometry.py) goes to `write_packed`."""
     p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    if p.packed:
+        return write_packed(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
     backend = _choose("split", p, x)
     slots = _guarded_slots(slot_mapping, p.slots)
     if backend is NpuBackend.CUSTOM_OPS:

@@ -41,10 +41,11 @@ def encode_fp8(
 def epilog_kernel(
     x_ptr, slot_ptr, cache_ptr, scale_ptr,
     n_pairs, n_slots, D, G,
+    block_size, code_block_stride, scale_block_stride,  # packed-block pair only (PACKED)
     FMAX: tl.constexpr, MANT: tl.constexpr, BIAS: tl.constexpr, MAX_CODE: tl.constexpr,
     FMAX_BITS: tl.constexpr, EMAX: tl.constexpr, NAN: tl.constexpr, FLOOR_BITS: tl.constexpr,
     MODE: tl.constexpr,  # 0 standard, 1 MX ceil (round_scale), 2 MX floor (OCP)
-    BLOCK_P: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_P: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr,
 ):
     pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
     in_range = pairs < n_pairs
@@ -53,6 +54,15 @@ def epilog_kernel(
     slot = tl.load(slot_ptr + row, mask=in_range, other=-1).to(tl.int64)
     ok = in_range & (slot >= 0) & (slot < n_slots)
     col = grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    if PACKED:
+        # Slot s is row s % block_size of block s // block_size; blocks are a stride apart in both views.
+        blk = tl.where(ok, slot, 0) // block_size
+        off = tl.where(ok, slot, 0) - blk * block_size
+        code_row = blk * code_block_stride + off * D
+        scale_row = blk * scale_block_stride + off * G
+    else:
+        code_row = slot * D
+        scale_row = slot * G
     mask = ok[:, None] & (col < D)
     xv = tl.load(x_ptr + row[:, None] * D + col, mask=mask, other=0.0).to(tl.float32)
     mag = xv.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -66,7 +76,7 @@ def epilog_kernel(
         q = tl.math.div_rn(xv, s[:, None])
         code = encode_fp8(q, MANT, BIAS, MAX_CODE, FMAX_BITS, NAN)
         code = tl.where((s[:, None] == 0.0) & finite, 0, code)
-        tl.store(scale_ptr + slot * G + grp, s, mask=ok)
+        tl.store(scale_ptr + scale_row + grp, s, mask=ok)
     else:
         floored = tl.maximum(amax_bits, FLOOR_BITS)
         if MODE == 1:
@@ -76,8 +86,8 @@ def epilog_kernel(
             e = (floored >> 23) - 127 - EMAX
         inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2^-e: the product is exact like x / 2^e
         code = encode_fp8(xv * inv[:, None], MANT, BIAS, MAX_CODE, FMAX_BITS, NAN)
-        tl.store(scale_ptr + slot * G + grp, (e + 127).to(tl.uint8), mask=ok)
-    tl.store(cache_ptr + slot[:, None] * D + col, code.to(tl.uint8), mask=mask)
+        tl.store(scale_ptr + scale_row + grp, (e + 127).to(tl.uint8), mask=ok)
+    tl.store(cache_ptr + code_row[:, None] + col, code.to(tl.uint8), mask=mask)
 
 
 def _f32_bits(v: float) -> int:
@@ -103,7 +113,9 @@ def triton_indexer_compress_epilog(
     """Launch the kernel on x's device (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Two rows naming one slot: one of them wins, which is unspecified (checking would cost a host sync);
-    strict mode rejects them.
+    strict mode rejects them. The cache and scale may be a packed-block pair (op/geometry.py): rows are then
+    addressed as block * block stride + offset in block, in both views (PACKED specializes the kernel, so
+    contiguous caches run the code they always did).
     """
     p = validate_epilog_args(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
@@ -115,13 +127,17 @@ def triton_indexer_compress_epilog(
     fmt = p.fmt
     mode = 0 if quant_mode == QUANT_MODE_STANDARD else (1 if round_scale else 2)
     scale_arg = indexer_compress_scale if mode == 0 else indexer_compress_scale.view(torch.uint8)
+    geo = p.geometry
+    # A packed pair's scale view: its block stride in its own elements (the uint8 view of e8m0 keeps it).
+    scale_block_stride = indexer_compress_scale.stride(0) if p.packed and geo.num_blocks > 1 else 0
     block_p, num_warps = launch_config(pairs)
     grid = ((pairs + block_p - 1) // block_p,)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         epilog_kernel[grid](
             x, slot_mapping, indexer_compress_cache.view(torch.uint8), scale_arg,
             pairs, p.slots, p.dim, p.groups,
+            max(geo.block_size, 1), geo.block_bytes if p.packed else 0, scale_block_stride,
             FMAX=fmt.fmax, MANT=fmt.mantissa_bits, BIAS=fmt.exponent_bias, MAX_CODE=fmt.max_code,
             FMAX_BITS=_f32_bits(fmt.fmax), EMAX=fmt.emax, NAN=NAN_CODE, FLOOR_BITS=_f32_bits(MX_AMAX_FLOOR), MODE=mode,
-            BLOCK_P=block_p, GROUP=GROUP_SIZE, num_warps=num_warps,
+            BLOCK_P=block_p, GROUP=GROUP_SIZE, PACKED=p.packed, num_warps=num_warps,
         )

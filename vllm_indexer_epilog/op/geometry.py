@@ -37,6 +37,31 @@ def _byte_offset(t: torch.Tensor) -> int:
     return t.storage_offset() * t.element_size()
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    try:
+        from torch._subclasses.fake_tensor import is_fake
+    except ImportError:  # pragma: no cover - every supported torch has it
+        return False
+    return bool(is_fake(t))
+
+
+def same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether `a` and `b` may be views of one buffer, from metadata only.
+
+    Real tensors compare their storages' data pointers (two storages can wrap one allocation). Fake tensors
+    (FakeTensorMode, torch.compile) have no data pointer, and functionalization may hand the fake kernel
+    separate copies of two aliased inputs, so for them the answer is yes: the real kernel checks at run time.
+    Meta tensors compare their storage objects.
+    """
+    if _is_fake(a) or _is_fake(b):
+        return True
+    if a.untyped_storage()._cdata == b.untyped_storage()._cdata:
+        return True
+    if a.device.type == "meta" or b.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def packed_geometry(values: torch.Tensor, scales: torch.Tensor) -> PackedGeometry:
     """The geometry of a values/scales pair laid out as packed blocks; ValueError naming the argument if not.
 
@@ -62,7 +87,7 @@ def packed_geometry(values: torch.Tensor, scales: torch.Tensor) -> PackedGeometr
     for name, t in (("indexer_compress_cache", values), ("indexer_compress_scale", scales)):
         if not t[0].is_contiguous():
             raise ValueError(f"{name}: the rows of one block must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
-    if values.untyped_storage().data_ptr() != scales.untyped_storage().data_ptr():
+    if not same_storage(values, scales):
         raise ValueError("indexer_compress_cache and indexer_compress_scale must be views of one packed block buffer")
     block_bytes = values.stride(0) * values.element_size()
     value_bytes = bs * d * values.element_size()

@@ -172,14 +172,15 @@ def reference_indexer_compress_epilog(
     *,
     quant_mode: int = 1,
     round_scale: bool = True,
-    packed: bool = False,
+    packed: bool | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> None:
     """The op, in plain torch: validates, checks slots strictly, then writes chunk by chunk.
 
     Slots outside [-1, N) raise before anything is written; several rows naming one slot leave the last
     one's codes and scales (strict mode, VLLM_INDEXER_EPILOG_STRICT=1, rejects them instead).
-    `packed=True` writes the two views of a packed-block buffer (geometry.py) instead of two contiguous tensors.
+    The cache and scale may be two contiguous tensors or the two views of a packed-block buffer (geometry.py),
+    told apart as `validate_epilog_args` does (`packed=None`); `packed=True`/`False` insists on one of them.
     """
     p = validate_epilog_args(
         indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale, packed=packed

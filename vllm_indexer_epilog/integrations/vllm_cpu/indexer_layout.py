@@ -29,12 +29,12 @@ from ...op.reference import reference_indexer_compress_epilog
 from ...op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
 from ...op.validation import validate_epilog_args
 from ..config import EpilogConfig
+from .ops_attention import paged_logits
 
 logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
 
 HEAD_DIM = 128  # index_head_dim: DeepSeek-V4's only FP8 indexer cache (one 128-group, one scale a row)
 VLLM_ROW_BYTES = HEAD_DIM + 4  # vLLM's own row: e4m3fn codes + float32 scale
-_GATHER_ROWS = 1 << 15  # query rows x keys scored per matmul (bounded working set)
 
 
 @dataclass(frozen=True)
@@ -151,45 +151,24 @@ def paged_mqa_logits(
 
     `kvcache` is vLLM's uint8 `[pages, page bytes]` view (page stride = stride(0)); each page holds block_size
     rows of 128 codes (`layout.fp8_dtype`), then block_size scales (float32, or e8m0 expanded exactly). The
-    arithmetic is that of the compat reader (ops_attention.py) term for term, so equal codes and scale values
-    give bit-identical logits. Tokens sharing a page-table row (a request's prefill) are scored together.
+    scoring is the compat reader's own (`ops_attention.paged_logits`), so equal codes and scale values give
+    bit-identical logits.
     """
-    b_all, h, d = q_fp8.shape
+    d = q_fp8.shape[-1]
     if d != HEAD_DIM:
         raise RuntimeError(f"fp8_paged_mqa_logits: q_fp8 head_dim must be {HEAD_DIM}, got {d}")
     if kvcache.dim() != 2 or kvcache.shape[1] < block_size * layout.row_bytes:
         raise RuntimeError(f"fp8_paged_mqa_logits: pages of {tuple(kvcache.shape)} cannot hold {block_size} rows "
                            f"of {layout.row_bytes} bytes")
-    logits = torch.full((b_all, max_seq_len), float("-inf"), dtype=torch.float32, device=q_fp8.device)
-    if b_all == 0 or max_seq_len == 0:
-        return logits
     pages, s0, base = kvcache.shape[0], kvcache.stride(0), kvcache.storage_offset()
     sb = layout.scale_bytes
     k_rows = kvcache.as_strided((pages, block_size, d), (s0, d, 1), base)
     k_scales = kvcache.as_strided((pages, block_size, sb), (s0, sb, 1), base + block_size * d)
-    seq = seq_lens.long().clamp(0, max_seq_len)
-    table = page_table.long()
-    _, group_of = torch.unique(table, dim=0, return_inverse=True)
-    qf = q_fp8.float()
-    w = weight.float()
-    for g in torch.unique(group_of).tolist():
-        rows = (group_of == g).nonzero().squeeze(1)
-        length = int(seq[rows].max())
-        if length == 0:
-            continue
-        t = torch.arange(length, device=q_fp8.device)
-        phys = table[rows[0], t // block_size]
-        off = t % block_size
-        k = k_rows[phys, off].view(layout.fp8_dtype).float()  # [L, 128]
-        k_scale = scales_as_float32(k_scales[phys, off], layout)  # [L]
-        step = max(1, _GATHER_ROWS * 16 // (length * h))
-        for r0 in range(0, rows.numel(), step):
-            r = rows[r0 : r0 + step]
-            dots = torch.relu(k @ qf[r].reshape(-1, d).T).view(length, r.numel(), h)
-            score = (dots * w[r].unsqueeze(0)).sum(-1) * k_scale.unsqueeze(1)  # [L, n]
-            score.masked_fill_(t.unsqueeze(1) >= seq[r].unsqueeze(0), float("-inf"))
-            logits[r, :length] = score.T
-    return logits
+
+    def gather(phys: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return k_rows[phys, off].view(layout.fp8_dtype).float(), scales_as_float32(k_scales[phys, off], layout)
+
+    return paged_logits(q_fp8.float(), weight, seq_lens, page_table, block_size, max_seq_len, gather)
 
 
 def read_rows(kv_cache_2d: torch.Tensor, block_size: int, slots: torch.Tensor, layout: IndexerLayout

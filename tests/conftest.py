@@ -10,9 +10,6 @@ from helpers import BACKENDS, Backend
 
 pytest_plugins = ["fakes.ascend_standin"]
 
-# Test modules of the CPU-kernel work still import these from conftest; new code imports helpers.
-from helpers import GOLDEN_FILES, ROOT, as_bytes, load_golden, poisoned, random_x  # noqa: E402, F401
-
 
 @pytest.fixture(params=sorted(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> tuple[str, Backend, str]:

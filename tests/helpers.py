@@ -188,3 +188,15 @@ def random_x(t: int, d: int, dtype: torch.dtype, seed: int, *, specials: int = 0
         vals = torch.tensor(SPECIALS)[torch.randint(0, len(SPECIALS), (specials,), generator=g)]
         x.view(-1)[idx] = vals
     return x.to(dtype).to(device)
+
+
+def last_only(slots: torch.Tensor) -> torch.Tensor:
+    """The slots with every row that a later row overrides turned into -1 (computed the plain way)."""
+    out = slots.clone()
+    seen: set[int] = set()
+    for r in range(slots.numel() - 1, -1, -1):
+        s = int(slots[r])
+        if s >= 0 and s in seen:
+            out[r] = -1
+        seen.add(s)
+    return out

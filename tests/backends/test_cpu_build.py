@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from vllm_indexer_epilog.backends import cpu as cpu_backend
 
 # Writes one row through the op and compares it with the reference; reports how the CPU kernel was reached.

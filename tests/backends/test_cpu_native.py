@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, as_bytes, poisoned, random_x
+from helpers import ROOT, as_bytes, last_only, poisoned, random_x
 from vllm_indexer_epilog import reference_indexer_compress_epilog
 from vllm_indexer_epilog.backends import cpu as cpu_backend
 
@@ -153,17 +153,6 @@ def test_inference_tensor_inside_inference_mode_is_accepted() -> None:
 
 # ---- duplicates ------------------------------------------------------------------------------------
 
-def _last_row_wins(slots: torch.Tensor) -> torch.Tensor:
-    """-1 for every row whose slot a later row names too."""
-    out = slots.clone()
-    seen: set[int] = set()
-    for r in range(slots.numel() - 1, -1, -1):
-        s = int(slots[r])
-        if s >= 0 and s in seen:
-            out[r] = -1
-        seen.add(s)
-    return out
-
 
 @pytest.fixture
 def two_threads():
@@ -196,7 +185,7 @@ def test_duplicates_last_row_wins(two_threads, d: int, t: int, n: int, slot_dtyp
             got_c, got_s = poisoned(n, d, torch.float8_e4m3fn, quant_mode, seed=rep)
             want_c, want_s = got_c.clone(), got_s.clone()
             OP(got_c, got_s, x, slots, quant_mode=quant_mode)
-            reference_indexer_compress_epilog(want_c, want_s, x, _last_row_wins(slots), quant_mode=quant_mode)
+            reference_indexer_compress_epilog(want_c, want_s, x, last_only(slots), quant_mode=quant_mode)
             np.testing.assert_array_equal(as_bytes(got_c), as_bytes(want_c), err_msg=f"rep {rep}")
             np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s), err_msg=f"rep {rep}")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import GOLDEN_FILES, as_bytes, load_golden, poisoned, random_x
+from helpers import GOLDEN_FILES, as_bytes, load_golden, poisoned, random_x
 from vllm_indexer_epilog.backends.cpu import build_cpu_kernel
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
 

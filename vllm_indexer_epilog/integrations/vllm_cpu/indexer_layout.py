@@ -29,7 +29,7 @@ from ...op.reference import reference_indexer_compress_epilog
 from ...op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
 from ...op.validation import validate_epilog_args
 from ..config import EpilogConfig
-from .ops_attention import paged_logits
+from .ops_attention import fp8_to_float32, paged_logits, row_view
 
 logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
 
@@ -160,15 +160,15 @@ def paged_mqa_logits(
     if kvcache.dim() != 2 or kvcache.shape[1] < block_size * layout.row_bytes:
         raise RuntimeError(f"fp8_paged_mqa_logits: pages of {tuple(kvcache.shape)} cannot hold {block_size} rows "
                            f"of {layout.row_bytes} bytes")
-    pages, s0, base = kvcache.shape[0], kvcache.stride(0), kvcache.storage_offset()
     sb = layout.scale_bytes
-    k_rows = kvcache.as_strided((pages, block_size, d), (s0, d, 1), base)
-    k_scales = kvcache.as_strided((pages, block_size, sb), (s0, sb, 1), base + block_size * d)
+    k_rows = row_view(kvcache, block_size, d, 0)
+    k_scales = row_view(kvcache, block_size, sb, block_size * d)
 
     def gather(phys: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return k_rows[phys, off].view(layout.fp8_dtype).float(), scales_as_float32(k_scales[phys, off], layout)
+        codes = fp8_to_float32(k_rows[phys, off].view(torch.uint8), layout.fp8_dtype)
+        return codes, scales_as_float32(k_scales[phys, off].view(torch.uint8), layout)
 
-    return paged_logits(q_fp8.float(), weight, seq_lens, page_table, block_size, max_seq_len, gather)
+    return paged_logits(fp8_to_float32(q_fp8), weight, seq_lens, page_table, block_size, max_seq_len, gather)
 
 
 def read_rows(kv_cache_2d: torch.Tensor, block_size: int, slots: torch.Tensor, layout: IndexerLayout

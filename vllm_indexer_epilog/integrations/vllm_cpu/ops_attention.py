@@ -78,21 +78,21 @@ def _e8m0_to_float(b: torch.Tensor) -> torch.Tensor:
     return torch.where(b == 0xFF, torch.full_like(f, float("nan")), f)
 
 
-def _fp8_lut() -> torch.Tensor:
-    """Exact e4m3fn decode table: a 256-entry gather is several times faster than torch's scalar fp8 cast."""
-    return torch.arange(256, dtype=torch.uint8).view(_FP8).float()
+_FP8_TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
-_FP8_TO_F32 = _fp8_lut()
-
-
-def _fp8_decode(b: torch.Tensor) -> torch.Tensor:
-    """float32 values of FP8 bytes (uint8 or float8_e4m3fn tensor), same shape."""
+def fp8_to_float32(b: torch.Tensor, dtype: torch.dtype = _FP8) -> torch.Tensor:
+    """float32 values of FP8 bytes (uint8, or a tensor of `dtype`), same shape. An exact 256-entry table
+    (built once per dtype by torch's cast): the gather is several times faster than torch's scalar fp8 cast."""
+    table = _FP8_TABLES.get(dtype)
+    if table is None:
+        table = _FP8_TABLES[dtype] = torch.arange(256, dtype=torch.uint8).view(dtype).float()
     idx = b.view(torch.uint8).to(torch.int32)
-    return _FP8_TO_F32.index_select(0, idx.reshape(-1)).view(b.shape)
+    return table.index_select(0, idx.reshape(-1)).view(b.shape)
 
 
-def _row_view(cache_2d: torch.Tensor, rows: int, width: int, offset: int) -> torch.Tensor:
+
+def row_view(cache_2d: torch.Tensor, rows: int, width: int, offset: int) -> torch.Tensor:
     """[blocks, rows, width]-byte strided view of each block starting `offset` bytes in.
 
     Strided rather than reshaped: a per-layer cache is a slice of a pooled allocation, so the block stride
@@ -114,11 +114,11 @@ def _mla_dequant_rows(cache_2d: torch.Tensor, block_size: int, slots: torch.Tens
     2**-7/448 of the tile's absmax, below the bf16 resolution of the tile, and we do not copy it."""
     n = slots.shape[0]
     blk, off = slots // block_size, slots % block_size
-    rows = _row_view(cache_2d, block_size, _MLA_TOKEN_BYTES, 0)[blk, off].view(torch.uint8)
+    rows = row_view(cache_2d, block_size, _MLA_TOKEN_BYTES, 0)[blk, off].view(torch.uint8)
     scale_off = block_size * _MLA_TOKEN_BYTES
-    scales = _row_view(cache_2d, block_size, _MLA_SCALE_BYTES, scale_off)[blk, off].view(torch.uint8)
+    scales = row_view(cache_2d, block_size, _MLA_SCALE_BYTES, scale_off)[blk, off].view(torch.uint8)
     tile_scale = _e8m0_to_float(scales[:, :_MLA_TILES]).unsqueeze(-1)
-    nope = _fp8_decode(rows[:, :_MLA_NOPE]).view(n, _MLA_TILES, _MLA_TILE)
+    nope = fp8_to_float32(rows[:, :_MLA_NOPE]).view(n, _MLA_TILES, _MLA_TILE)
     torch.mul(nope, tile_scale, out=out[:, :_MLA_NOPE].view(n, _MLA_TILES, _MLA_TILE))
     out[:, _MLA_NOPE:] = rows[:, _MLA_NOPE:].view(torch.bfloat16)
 
@@ -448,13 +448,13 @@ def fp8_paged_mqa_logits_cpu(
     and decodes its K rows once and scores them with a single matmul."""
     if q_fp8.shape[-1] != _INDEX_HEAD:
         raise RuntimeError("fp8_paged_mqa_logits_cpu: q_fp8 head_dim must be 128")
-    k_rows = _row_view(kvcache_fp8, block_size, _INDEX_HEAD, 0)
-    k_scales = _row_view(kvcache_fp8, block_size, 4, block_size * _INDEX_HEAD)
+    k_rows = row_view(kvcache_fp8, block_size, _INDEX_HEAD, 0)
+    k_scales = row_view(kvcache_fp8, block_size, 4, block_size * _INDEX_HEAD)
 
     def gather(pages: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fp8_decode(k_rows[pages, offsets].view(torch.uint8)), k_scales[pages, offsets].view(torch.float32).squeeze(-1)
+        return fp8_to_float32(k_rows[pages, offsets].view(torch.uint8)), k_scales[pages, offsets].view(torch.float32).squeeze(-1)
 
-    return paged_logits(_fp8_decode(q_fp8), weight, seq_lens, page_table, block_size, max_seq_len, gather)
+    return paged_logits(fp8_to_float32(q_fp8), weight, seq_lens, page_table, block_size, max_seq_len, gather)
 
 
 KeyGather = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]

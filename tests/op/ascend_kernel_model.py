@@ -15,7 +15,8 @@ Instruction semantics this model assumes (asc-devkit 9.1.0 MicroAPI; none of it 
 - `Mul`/`Muls`/`Max`/`Maxs`/`Mins`/`Abs`/`ReduceMax` are IEEE float32, round-to-nearest-even, and keep
   subnormals. `ReduceMax`/`Max`/`Maxs` propagate NaN (only the MX branch can see a NaN there).
 - `Div` in its default algorithm (`DivSpecificMode{ZEROING, false}`, the INTRINSIC algorithm) is within one
-  ulp of the true quotient and flushes to zero: subnormal operands read as signed zero and a subnormal
+  ulp of the true quotient and flushes to zero (issue 16's reading; the CANN Div page we could read names
+  the algorithms, PRECISION_1ULP_FTZ_TRUE among them, but not INTRINSIC's bound): subnormal operands read as signed zero and a subnormal
   quotient becomes signed zero (`ftz=True`; `ftz=False` models an IEEE divide). The tables use the
   correctly rounded quotient (`div_round="nearest"`); `"down"`/`"up"` take the float32 neighbour of the
   true quotient below/above it (a faithful divider's two possible answers; exact quotients stay exact),

@@ -127,6 +127,9 @@ def test_mx_floor_and_no_finite_mask() -> None:
     # Inf become x / -0 = -Inf, clamped to -448 (0xfe); the zeros become 0 / -0 = NaN.
     kc, kb = M.kernel_mx(group([1.0, INF], "bfloat16"), "bfloat16", E4, True)
     assert int(kb[0, 0]) == 0x00 and kc[0, :2].tolist() == [0xFE, 0xFE] and kc[0, 2] & 0x7F == 0x7F
+    # The clamp is what turns -Inf into -FMAX: without it the NO_SAT cast gives e5m2 -Inf (0xfc), here 0xfb.
+    kc, _ = M.kernel_mx(group([1.0, INF], "bfloat16"), "bfloat16", E5, True)
+    assert kc[0, :2].tolist() == [0xFB, 0xFB] and M.encode_fp8(np.float32(-INF), E5, saturate=False) == 0xFC
 
 
 def test_mx_without_round_stores_the_exponent_of_an_unrounded_divisor() -> None:

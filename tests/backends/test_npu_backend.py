@@ -109,7 +109,9 @@ def test_forced_reference_pins_the_exact_path(boot, monkeypatch) -> None:
 
 def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -> None:
     """With cann-recipes-infer's custom_ops installed (a stand-in, defined before our package as on an NPU
-    machine), split writes go to it with int32 slots and its `scale` left at 1.0; float32 x cannot."""
+    machine), standard-mode split writes go to it with int32 slots and its `scale` left at 1.0; float32 x
+    cannot. MX stays on the reference in auto (issue 16: custom_ops' MX is not SPEC-exact; this case used
+    to expect custom_ops)."""
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -121,8 +123,8 @@ def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -
         from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
         from helpers import poisoned, random_x
         assert not schema.defined_here() and npu_backend.ascend_custom_op_installed()
-        for x_dtype, quant_mode, want, calls in ((torch.bfloat16, 1, "custom_ops", 1), (torch.float16, 0, "custom_ops", 2),
-                                                 (torch.float32, 1, "reference", 2)):
+        for x_dtype, quant_mode, want, calls in ((torch.bfloat16, 1, "custom_ops", 1), (torch.float16, 0, "reference", 1),
+                                                 (torch.float32, 1, "reference", 1)):
             k, s = poisoned(64, 128, torch.float8_e4m3fn, quant_mode, 1)
             wk, ws = k.clone(), s.clone()
             x = random_x(24, 128, x_dtype, 2, specials=4)
@@ -148,6 +150,119 @@ def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -
     assert out.stdout.strip().endswith("ok")
 
 
+def _run_with_custom_ops(body: str) -> None:
+    """Runs `body` in a fresh interpreter where the custom_ops stand-in defined the op before our package."""
+    script = textwrap.dedent(
+        f"""
+        import logging, os, sys, torch
+        sys.path[:0] = [{str(FAKE_DIR)!r}, {str(CUSTOM_OPS_DIR)!r}, {str(ROOT / "tests")!r}]
+        import vllm_indexer_epilog
+        import custom_ops
+        from vllm_indexer_epilog import envs
+        from vllm_indexer_epilog.backends import npu as npu_backend
+        from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
+        from helpers import poisoned, random_x
+        assert npu_backend.ascend_custom_op_installed()
+        LOG = []
+        class _Keep(logging.Handler):
+            def emit(self, record):
+                LOG.append(record.getMessage())
+        logging.getLogger("vllm_indexer_epilog").addHandler(_Keep())
+        logging.getLogger("vllm_indexer_epilog").setLevel(logging.INFO)
+        def same(a, b):
+            return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        """
+    ) + textwrap.dedent(body) + "\nprint('ok')\n"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_INDEXER_EPILOG_")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_mx_goes_to_custom_ops_only_by_name() -> None:
+    """Issue 16, item 3: in auto, MX (either round_scale) takes the SPEC-exact reference even where custom_ops
+    fits, with one log line naming why; VLLM_INDEXER_EPILOG_NPU_BACKEND=custom_ops sends MX there, with one
+    log line saying it is not SPEC-exact."""
+    _run_with_custom_ops(
+        """
+        x = random_x(12, 256, torch.bfloat16, 5, specials=2)
+        slots = torch.arange(12) * 2
+        for _ in range(2):
+            for rs in (True, False):
+                k, s = poisoned(32, 256, torch.float8_e4m3fn, 0, 1)
+                wk, ws = k.clone(), s.clone()
+                got = npu_backend.write_split(k, s, x, slots, quant_mode=0, round_scale=rs)
+                assert got.value == "reference" and custom_ops.CALLS == [], got
+                reference_indexer_compress_epilog(wk, ws, x, slots, quant_mode=0, round_scale=rs)
+                assert same(k, wk) and same(s, ws)
+        auto = [m for m in LOG if "not SPEC-exact" in m]
+        assert len(auto) == 1 and "use reference (" in auto[0] and "docs/ascend-kernel.md" in auto[0], LOG
+        # Standard mode is unchanged: custom_ops in auto.
+        k, s = poisoned(32, 256, torch.float8_e4m3fn, 1, 1)
+        assert npu_backend.write_split(k, s, x, slots).value == "custom_ops" and len(custom_ops.CALLS) == 1
+
+        os.environ[envs.NPU_BACKEND] = "custom_ops"
+        for _ in range(2):
+            k, s = poisoned(32, 256, torch.float8_e5m2, 0, 1)
+            assert npu_backend.write_split(k, s, x, slots, quant_mode=0).value == "custom_ops"
+        assert [c["quant_mode"] for c in custom_ops.CALLS] == [1, 0, 0]
+        forced = [m for m in LOG if "not SPEC-exact" in m and "forced" in m]
+        assert len(forced) == 1 and "use custom_ops (" in forced[0], LOG
+        """
+    )
+
+
+def test_int64_slots_reach_compiled_ops_as_int32_without_wrapping() -> None:
+    """vLLM's int64 slots are narrowed to int32 for custom_ops after the range guard: 2^32 + 5 would wrap to 5
+    and 2^31 to -2^31 under a bare cast; here both become -1, and row 5's write is the one row that names 5.
+    Strict mode refuses them by name (slot_mapping) before anything is written or called."""
+    _run_with_custom_ops(
+        """
+        x = random_x(5, 128, torch.float16, 7)
+        slots = torch.tensor([5, 2**32 + 5, 2**31, -1, 7], dtype=torch.int64)
+        k, s = poisoned(16, 128, torch.float8_e4m3fn, 1, 2)
+        wk, ws = k.clone(), s.clone()
+        assert npu_backend.write_split(k, s, x, slots).value == "custom_ops"
+        call = custom_ops.CALLS[-1]
+        assert call["slots"].dtype == torch.int32 and call["slots"].tolist() == [5, -1, -1, -1, 7]
+        reference_indexer_compress_epilog(wk, ws, x, torch.tensor([5, -1, -1, -1, 7]))
+        assert same(k, wk) and same(s, ws)
+
+        os.environ[envs.STRICT] = "1"
+        before_k, before_s, calls = k.clone(), s.clone(), len(custom_ops.CALLS)
+        for bad in (2**31, 2**32 + 5, -2):
+            try:
+                npu_backend.write_split(k, s, x, torch.tensor([0, bad, 1, 2, 3], dtype=torch.int64))
+            except ValueError as e:
+                assert "slot_mapping" in str(e), e
+            else:
+                raise AssertionError(f"slot {bad} accepted in strict mode")
+        assert same(k, before_k) and same(s, before_s) and len(custom_ops.CALLS) == calls
+        """
+    )
+
+
+def test_int32_narrowing_refuses_caches_int32_cannot_address() -> None:
+    with pytest.raises(ValueError, match="slot_mapping: int32 slots cannot address"):
+        npu_backend._int32_slots(torch.zeros(2, dtype=torch.int64), 2**31 + 1)
+    got = npu_backend._int32_slots(torch.tensor([2**31 - 1, 2**31, -1, -5], dtype=torch.int64), 2**31)
+    assert got.dtype == torch.int32 and got.tolist() == [2**31 - 1, -1, -1, -1]
+
+
+def test_packed_v2_gets_int32_slots_without_wrapping(boot) -> None:
+    standin = boot("A5")
+    cache = carve_packed(_spec(standin), 4, pad=16)
+    x = random_x(6, 128, torch.bfloat16, 4)
+    slots = torch.tensor([3, 2**32 + 3, 9, -1, 2**31, 30], dtype=torch.int64)
+    guarded = torch.tensor([3, -1, 9, -1, -1, 30])
+    expect = expected_packed(cache, x, guarded, 1, True)
+    assert write_packed(cache.values, cache.scales, x, slots) is NpuBackend.C_ASCEND_V2
+    call = standin.v2_calls[-1]
+    assert call["slots"].dtype == torch.int32 and call["slots"].tolist() == guarded.tolist()
+    assert torch.equal(cache.raw, expect)
+
+
 def test_split_writes_validate_like_every_backend(boot) -> None:
     boot("A5")
     k, s = poisoned(16, 128, torch.float8_e4m3fn, 1, 3)
@@ -164,7 +279,9 @@ def test_package_scales_against_the_compiled_ascend_rule() -> None:
     both Ascend C kernels (cann-recipes-infer's and vllm-ascend's v2) use: a * fl(1/448), the reciprocal
     stored as 0x3b124925, where SPEC.md asks for fl(a/448). Over every finite positive bfloat16 amax:
     the package's standard scale is the correctly rounded quotient; the Ascend rule differs from it, by one
-    ulp, for 53.5 % of them (README "Ascend" quotes this figure); MX (round_scale) exponents never differ."""
+    ulp, for 53.5 % of them (docs/ascend-kernel.md's table has it per x dtype and format); MX (round_scale)
+    exponents never differ from the ceil rule the kernel *intends*. As written, cann-recipes' kernel bumps
+    exact powers of two too (142 bfloat16 amax values; tests/op/test_ascend_kernel_model.py)."""
     fmt = FP8_FORMATS[torch.float8_e4m3fn]
     a = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
     a = a[torch.isfinite(a) & (a > 0)]

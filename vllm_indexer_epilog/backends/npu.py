@@ -5,8 +5,11 @@ Two entries, one per cache layout:
 `write_split` -- contiguous cache and scale (DeepSeek-V3.2's LI-C8 cache); a packed-block pair given to the
   op goes to `write_packed`:
   1. `custom_ops`: cann-recipes-infer's compiled Ascend C op (Ascend 950), when its package defined
-     `custom::indexer_compress_epilog`. Our call is mapped onto its schema: slot_mapping as int32 (its
-     only index type), x float16/bfloat16 (it takes no float32), its extra `scale` left at 1.0.
+     `custom::indexer_compress_epilog`, for standard mode. Our call is mapped onto its schema: slot_mapping
+     as int32 (its only index type), x float16/bfloat16 (it takes no float32), its extra `scale` left at
+     1.0. Its MX mode is not SPEC-exact (docs/ascend-kernel.md: the round_scale exponent is bumped for exact
+     powers of two, and without round_scale the stored byte does not decode the codes), so MX goes to it
+     only when `VLLM_INDEXER_EPILOG_NPU_BACKEND=custom_ops` asks by name, with a log line saying so.
   2. `reference`: the pure-torch reference on NPU tensors; slow, but exact and always there.
 
 `write_packed` -- vllm-ascend's packed-block cache (op/geometry.py; DeepSeek-V4's indexer on A5):
@@ -15,12 +18,16 @@ Two entries, one per cache layout:
   2. `reference`, writing the two strided views.
 
 Every entry validates first with the shared checks, so errors name the argument and nothing is written.
-Slots outside [-1, N) are turned into -1 on the device before any foreign kernel sees them, so no backend
-can write outside the caches whatever its own checks are; strict mode (VLLM_INDEXER_EPILOG_STRICT=1)
-raises instead, at the cost of a host sync.
+Slots: both compiled ops read int32 only (vLLM passes int64), and neither checks a slot, so one outside
+[-1, N) would be written out of bounds. `_int32_slots` turns such slots into -1 on the device, in the input dtype,
+before narrowing: a slot >= 2^31 is skipped, never wrapped onto a valid row (what a bare `.to(torch.int32)`
+would do). The compiled ops are chosen only for caches of at most 2^31 - 1 rows, so every kept slot fits.
+Refusing such slots by name needs their values on the host; strict mode (VLLM_INDEXER_EPILOG_STRICT=1)
+pays that sync and raises a ValueError naming slot_mapping before anything is written.
 
-The compiled Ascend kernels have not run against SPEC.md here (no NPU): see README "Ascend" for what
-their sources say differs. `VLLM_INDEXER_EPILOG_NPU_BACKEND=reference` pins the exact path.
+The compiled Ascend kernels have not run against SPEC.md here (no NPU): docs/ascend-kernel.md models what
+their sources do and counts where it differs. `VLLM_INDEXER_EPILOG_NPU_BACKEND=reference` pins the exact
+path.
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ from .. import envs
 from ..op import schema as op_schema
 from ..op.geometry import block_buffer
 from ..op.reference import reference_indexer_compress_epilog
-from ..op.spec import QUANT_MODE_STANDARD
+from ..op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD
 from ..op.validation import EpilogProblem, check_slot_range, validate_epilog_args
 
 logger = logging.getLogger(__name__)
 
 _COMPILED_X_DTYPES = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
+_MX_NOT_EXACT = "custom_ops' MX mode is not SPEC-exact (docs/ascend-kernel.md)"
 
 
 class NpuBackend(str, enum.Enum):
@@ -95,12 +103,17 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
         if why is None and (p.fmt.dtype != torch.float8_e4m3fn or p.quant_mode != QUANT_MODE_STANDARD):
             why = "_C_ascend.indexer_compress_epilog_v2 writes e4m3fn codes with float32 (standard) scales only"
     forced = _forced()
+    inexact_mx = compiled is NpuBackend.CUSTOM_OPS and p.quant_mode == QUANT_MODE_MX
     if forced is not None:
         if forced not in (compiled, NpuBackend.REFERENCE):
             raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} cannot serve the {layout} cache layout")
         if forced is compiled and why is not None:
             raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} but {why}")
         chosen, reason = forced, f"forced by {envs.NPU_BACKEND}"
+        if forced is compiled and inexact_mx:
+            reason += f"; {_MX_NOT_EXACT}"
+    elif why is None and inexact_mx:
+        chosen, reason = NpuBackend.REFERENCE, f"{_MX_NOT_EXACT}; {envs.NPU_BACKEND}=custom_ops uses it anyway"
     elif why is None:
         chosen, reason = compiled, "fits"
     else:
@@ -113,11 +126,20 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
 
 
 def _guarded_slots(slot_mapping: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """int32 slots with every value outside [-1, num_slots) made -1, computed on the device (no sync)."""
+    """Flat slots, in their own dtype, with every value outside [-1, num_slots) made -1 on the device (no
+    sync). Strict mode checks on the host instead and raises, naming slot_mapping, before any write."""
     if envs.strict():
         check_slot_range(slot_mapping, num_slots, reject_duplicates=True)
     s = slot_mapping.reshape(-1)
-    return torch.where((s >= -1) & (s < num_slots), s, -1).to(torch.int32)
+    return torch.where((s >= -1) & (s < num_slots), s, -1)
+
+
+def _int32_slots(slot_mapping: torch.Tensor, num_slots: int) -> torch.Tensor:
+    """The int32 slots a compiled Ascend op reads: guarded first, in the input's dtype, then narrowed, so a
+    value >= 2^31 becomes -1 (skipped) rather than wrapping onto a valid row."""
+    if num_slots > _INT32_MAX + 1:
+        raise ValueError(f"slot_mapping: int32 slots cannot address {num_slots} cache rows")
+    return _guarded_slots(slot_mapping, num_slots).to(torch.int32)
 
 
 def write_split(
@@ -135,13 +157,14 @@ def write_split(
     if p.packed:
         return write_packed(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
     backend = _choose("split", p, x)
-    slots = _guarded_slots(slot_mapping, p.slots)
     if backend is NpuBackend.CUSTOM_OPS:
         # Its documented x and slot shapes are [T, d] and [T].
         torch.ops.custom.indexer_compress_epilog(
-            cache, scale, x.view(p.rows, p.dim), slots, quant_mode=quant_mode, round_scale=round_scale
+            cache, scale, x.view(p.rows, p.dim), _int32_slots(slot_mapping, p.slots),
+            quant_mode=quant_mode, round_scale=round_scale,
         )
     else:
+        slots = _guarded_slots(slot_mapping, p.slots)
         reference_indexer_compress_epilog(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
     return backend
 
@@ -158,11 +181,12 @@ def write_packed(
     """The op on the two views of a packed-block cache (op/geometry.py); returns the backend that ran."""
     p = validate_epilog_args(values, scales, x, slot_mapping, quant_mode, round_scale, packed=True)
     backend = _choose("packed", p, x)
-    slots = _guarded_slots(slot_mapping, p.slots)
     if backend is NpuBackend.C_ASCEND_V2:
         buffer = block_buffer(values, p.geometry, scales.element_size())
+        slots = _int32_slots(slot_mapping, p.slots)
         torch.ops._C_ascend.indexer_compress_epilog_v2(buffer, x.view(p.rows, p.dim), slots, layout=2)
     else:
+        slots = _guarded_slots(slot_mapping, p.slots)
         reference_indexer_compress_epilog(
             values, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale, packed=True
         )
@@ -179,14 +203,14 @@ def write_packed_mx_as_float32(
 ) -> None:
     """MX mode on a packed-block cache laid out for standard mode (float32 scale slots; issue #13 gap 2).
 
-    The rows go through the registered op (`torch.ops.custom.indexer_compress_epilog`, quant_mode=0) into
+    The rows go through `write_split` (quant_mode=0: the reference unless custom_ops is forced) into
     contiguous temporaries, then the codes and each row's e8m0 scale, widened to the float32 2^e it stands
     for (exact), are put at the slots. The pages, dtypes and so vLLM's KV-cache plan are those of standard
     mode (no e8m0 page, no re-padding of DeepSeek-V4's compressor state), and the lightning indexer reads
     the float32 scales as it does in standard mode. Slots outside [-1, N) are dropped as in every entry.
     """
     from ..op.dequant import mx_scales_to_float32
-    from ..op.spec import QUANT_MODE_MX, SCALE_DTYPE_BY_MODE, num_groups
+    from ..op.spec import SCALE_DTYPE_BY_MODE, num_groups
 
     if values.dim() != 4 or scales.dim() != 4 or values.shape[:3] != scales.shape[:3]:
         raise ValueError(f"packed views [nb, bs, 1, d] / [nb, bs, 1, G] expected, got {tuple(values.shape)} "
@@ -201,8 +225,10 @@ def write_packed_mx_as_float32(
     t = rows.shape[0]
     codes = torch.empty(t, d, dtype=values.dtype, device=values.device)
     exps = torch.empty(t, g, dtype=SCALE_DTYPE_BY_MODE[QUANT_MODE_MX], device=values.device)
-    torch.ops.custom.indexer_compress_epilog(codes, exps, rows, torch.arange(t, device=values.device),
-                                             quant_mode=QUANT_MODE_MX, round_scale=round_scale)
+    # Through write_split, not torch.ops.custom: where cann-recipes' custom_ops owns that op, a direct call
+    # would hand its MX mode (not SPEC-exact) int64 slots; write_split chooses and converts as for any call.
+    write_split(codes, exps, rows, torch.arange(t, dtype=torch.int32, device=values.device),
+                quant_mode=QUANT_MODE_MX, round_scale=round_scale)
     slots = _guarded_slots(slot_mapping, nb * bs).long()
     keep = slots >= 0
     s = slots[keep]
@@ -212,5 +238,5 @@ def write_packed_mx_as_float32(
     key = ("packed", NpuBackend.REFERENCE, "mx")
     if key not in _logged:
         _logged.add(key)
-        logger.info("vllm_indexer_epilog: NPU packed-cache MX writes go through custom.indexer_compress_epilog "
+        logger.info("vllm_indexer_epilog: NPU packed-cache MX writes go through the split-cache path "
                     "into float32 scale slots (the standard layout)")

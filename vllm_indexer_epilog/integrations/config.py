@@ -116,6 +116,9 @@ def _lookup(holder: Any, source: str) -> Any:
     """`holder`'s `indexer_epilog` (a mapping's key or an object's attribute), ABSENT when it has none."""
     if holder is None:
         return ABSENT
+    if isinstance(holder, (str, bytes, int, float, list, tuple)):  # JSON that is not an object
+        raise EpilogConfigError(f"{source} must be a JSON object to hold {CONFIG_KEY}, got {_type_name(holder)} "
+                                f"{quote(holder)}")
     try:
         if isinstance(holder, Mapping):
             return holder.get(CONFIG_KEY, ABSENT)

@@ -274,3 +274,32 @@ def test_ascend_schema_gets_the_native_kernel() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env=dict(os.environ))
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# Strict mode is parsed once, by envs (the kernel asks Python only when a call names one slot twice): the
+# compiled kernel and the reference agree on every value. They used to disagree on Unicode and control
+# "whitespace", and `no`, `off`, `FALSE` turned strict mode on.
+STRICT_VALUES = {
+    "1": True, "true": True, "TRUE": True, "yes": True, "on": True, " 1 ": True, "\tYes\n": True,
+    "": False, "0": False, "false": False, "FALSE": False, "False": False, "no": False, "off": False, " 0 ": False,
+    # not booleans: one warning, then the default (off)
+    "0\xa0": False, "\u20030": False, "0\u3000": False, "0\x1f": False, "\x1c0": False, "\x85false": False,
+    "maybe": False, "2": False, "1\xa0": False,
+}
+
+
+@pytest.mark.parametrize("value", sorted(STRICT_VALUES), ids=repr)
+def test_kernel_and_reference_read_strict_mode_alike(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("VLLM_INDEXER_EPILOG_STRICT", value)
+    x = random_x(3, 128, torch.bfloat16, seed=5)
+    slots = torch.tensor([2, -1, 2])
+    outcome = {}
+    for name, fn in (("kernel", OP), ("reference", reference_indexer_compress_epilog)):
+        cache, scale = poisoned(4, 128, torch.float8_e4m3fn, 1, seed=6)
+        try:
+            fn(cache, scale, x, slots)
+            outcome[name] = False
+        except ValueError as exc:
+            assert "same cache row twice" in str(exc)
+            outcome[name] = True
+    assert outcome == {"kernel": STRICT_VALUES[value], "reference": STRICT_VALUES[value]}

@@ -182,7 +182,7 @@ def cache_dir() -> Path:
     no home folder can be determined and the variable is unset."""
     raw = (_raw(CACHE) or "").strip(_ASCII_SPACE)
     if raw:
-        return Path(raw).expanduser()
+        return Path(raw)
     return Path.home() / ".cache" / "vllm_indexer_epilog"
 
 

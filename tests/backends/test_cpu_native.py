@@ -78,6 +78,14 @@ def _kwargs(**over: object) -> Callable[[], Args]:
     return make
 
 
+def _aliased(i: int, of: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Args:
+    """Valid arguments except that argument `i` is a `dtype` view of argument `of`'s bytes from `offset`."""
+    args = list(_valid())
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    args[i] = args[of].view(torch.uint8).reshape(-1)[offset:offset + nbytes].view(dtype).view(shape)
+    return tuple(args)  # type: ignore[return-value]
+
+
 INVALID: dict[str, Callable[[], Args]] = {
     "quant_mode_2": _kwargs(quant_mode=2),
     "quant_mode_negative": _kwargs(quant_mode=-1),
@@ -111,6 +119,12 @@ INVALID: dict[str, Callable[[], Args]] = {
     "scale_requires_grad": _replace(1, lambda t: t.requires_grad_()),
     "cache_inference_tensor": _replace(0, _inference),
     "scale_inference_tensor": _replace(1, _inference),
+    # aliasing (SPEC "Aliasing"): an output sharing bytes with another argument
+    "scale_in_cache": lambda: _aliased(1, 0, 0, torch.float32, (8, 2)),
+    "cache_in_x": lambda: _aliased(0, 2, 0, torch.float8_e4m3fn, (8, 200)),
+    "scale_in_x": lambda: _aliased(1, 2, 1000, torch.float32, (8, 2)),
+    "slots_in_cache": lambda: _aliased(3, 0, 16, torch.int64, (5,)),
+    "slots_in_scale": lambda: _aliased(3, 1, 8, torch.int32, (5,)),
 }
 
 

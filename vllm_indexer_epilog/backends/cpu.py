@@ -242,11 +242,13 @@ def load_prebuilt_kernel() -> bool:
     with _lock:
         if _loaded is None:
             try:
-                path = kernel_path()
-            except FileNotFoundError:  # csrc/ missing: the first call reports it
+                envs.cache_dir()
+            except Exception as exc:  # no home folder to put it in (RuntimeError)
+                _loaded = _unavailable(f"no cache folder: {type(exc).__name__}: {exc}")
                 return False
-            except Exception as exc:  # no home folder (RuntimeError), a NUL byte in the variable (ValueError)
-                _loaded = _unavailable(f"cache folder: {type(exc).__name__}: {exc}")
+            try:
+                path = kernel_path()
+            except OSError:  # csrc/ missing or unreadable: the first call reports it
                 return False
             try:
                 if not path.exists():
@@ -256,7 +258,7 @@ def load_prebuilt_kernel() -> bool:
                 return False
             try:
                 _load(path)
-            except OSError as exc:
+            except Exception as exc:  # OSError from dlopen; whatever else a foreign file does at load
                 logger.info("vllm_indexer_epilog: cached CPU kernel %s does not load (%s); the first call "
                             "rebuilds it", path, exc)
                 return False

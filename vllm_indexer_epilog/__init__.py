@@ -12,7 +12,7 @@ from .op.dequant import dequantize
 from .op.reference import reference_indexer_compress_epilog
 from .op.registration import register as _register
 from .op.spec import GROUP_SIZE, QUANT_MODE_MX, QUANT_MODE_STANDARD, num_groups
-from .op.validation import validate_options
+from .op.validation import validate_options, validate_tensor_types
 
 _register()
 
@@ -45,6 +45,7 @@ def indexer_compress_epilog(
     Ascend's compiled op unmapped: int32 slots only).
     """
     validate_options(quant_mode, round_scale)
+    validate_tensor_types(indexer_compress_cache, indexer_compress_scale, x, slot_mapping)
     if x.device.type == "npu":
         from .backends.npu import write_split
 

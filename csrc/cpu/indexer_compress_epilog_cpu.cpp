@@ -15,6 +15,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -489,15 +490,15 @@ std::string py_float_repr(double v) {
   return out;
 }
 
-// envs.strict(): VLLM_INDEXER_EPILOG_STRICT, stripped, anything but "", "0", "false", "False".
+// Strict mode comes from Python (backends/cpu.py hands over envs.strict(), the package's one parser of
+// the variable), asked only when a call names one slot twice: the common call never leaves C++. Until
+// Python connects it, strict mode is off (the variable's default).
+using StrictSource = int (*)();
+std::atomic<StrictSource> g_strict_source{nullptr};
+
 bool strict_mode() {
-  const char* raw = std::getenv("VLLM_INDEXER_EPILOG_STRICT");
-  if (raw == nullptr) return false;
-  std::string v(raw);
-  const auto first = v.find_first_not_of(" \t\r\n\f\v");
-  if (first == std::string::npos) return false;
-  v = v.substr(first, v.find_last_not_of(" \t\r\n\f\v") - first + 1);
-  return !(v == "0" || v == "false" || v == "False");
+  const StrictSource source = g_strict_source.load(std::memory_order_acquire);
+  return source != nullptr && source() != 0;
 }
 
 // Tensor::is_contiguous() of t[0] (the rows of one block), without making the view.
@@ -576,6 +577,21 @@ std::string packed_geometry(const at::Tensor& values, const at::Tensor& scales, 
   return "";
 }
 
+// [first, last + 1) byte of a non-empty tensor.
+std::pair<uintptr_t, uintptr_t> byte_extent(const at::Tensor& t) {
+  int64_t span = 1;
+  for (int64_t i = 0; i < t.dim(); ++i) span += (t.size(i) - 1) * t.stride(i);
+  const auto start = reinterpret_cast<uintptr_t>(t.data_ptr());
+  return {start, start + uintptr_t(span * t.element_size())};
+}
+
+bool overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  const auto [a0, a1] = byte_extent(a);
+  const auto [b0, b1] = byte_extent(b);
+  return a0 < b1 && b0 < a1;
+}
+
 CacheLayout validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
                      const at::Tensor& slot_mapping, int64_t quant_mode) {
   TORCH_CHECK_VALUE(quant_mode == 0 || quant_mode == 1,
@@ -644,6 +660,18 @@ CacheLayout validate(const at::Tensor& cache, const at::Tensor& scale, const at:
   const int64_t t_rows = x.numel() / d;
   TORCH_CHECK_VALUE(slot_mapping.numel() == t_rows, "slot_mapping must have one element per row of x (", t_rows,
                     "), got ", slot_mapping.numel());
+  // validation.py's check_no_aliasing(): an output's bytes (first to last) must not meet another
+  // argument's, except the packed pair's two views, which packed_geometry() found disjoint per element.
+  const bool packed_pair = !cache.is_contiguous() || !scale.is_contiguous();
+  for (int i = 0; i < 2; ++i) {
+    const auto& [out_name, out] = named[i];
+    for (int j = i + 1; j < 4; ++j) {
+      const auto& [other_name, other] = named[j];
+      if (packed_pair && i == 0 && j == 1) continue;
+      TORCH_CHECK_VALUE(!overlap(*out, *other), other_name, " overlaps ", out_name, " in memory: ", out_name,
+                        " is written in place, so it must not share bytes with another argument");
+    }
+  }
   return layout;
 }
 
@@ -810,6 +838,10 @@ TORCH_LIBRARY(VIE_LIBRARY_NAME, m) {
       "Tensor slot_mapping, int quant_mode, bool round_scale) -> ()");
   m.impl("quantize_scatter", c10::DispatchKey::CPU,
          torch::CppFunction::makeFromBoxedFunction<&vie::indexer_compress_epilog_boxed>());
+}
+
+extern "C" __attribute__((visibility("default"))) void vie_set_strict_source(vie::StrictSource source) {
+  vie::g_strict_source.store(source, std::memory_order_release);
 }
 
 // Registers the boxed kernel as the CPU kernel of custom::indexer_compress_epilog. Called by Python

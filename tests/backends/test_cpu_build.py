@@ -5,6 +5,7 @@ import without compiling; a machine without a compiler warns once and runs the t
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,3 +125,180 @@ def test_no_compiler_warns_once_and_runs_the_reference(tmp_path: Path) -> None:
     assert (at_import, registered) == ("False", "False"), out.stdout
     assert out.stderr.count("CPU kernel unavailable") == 1, out.stderr
     assert "falls back to the torch reference" in out.stderr
+
+
+# ---- no cache path breaks the import; a bad cached build is replaced; orphans go; the wait is bounded ----
+
+_NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def _as_unprivileged_root() -> list[str]:
+    """Root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH obeys file modes like any user, so a mode-000 folder
+    is unreadable for it as it is for uid 65534 in a container whose HOME is root's (that uid cannot run this
+    venv's Python, which lives under /root). Only when running as root with setpriv available."""
+    if os.geteuid() != 0 or subprocess.run(["which", "setpriv"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and setpriv to drop CAP_DAC_OVERRIDE (as a normal user, chmod 000 works as is)")
+    return _NO_DAC
+
+
+def _on_a_read_only_mount(mnt: Path) -> list[str]:
+    """Runs the command in a private mount namespace where `mnt` is a read-only tmpfs (real EROFS)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro none "$0"', str(mnt)],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private read-only mount here ({probe.stderr.strip()[:200]})")
+    return ["unshare", "-m", "sh", "-c", 'mount -t tmpfs -o ro none "$0" && exec "$@"', str(mnt)]
+
+
+@pytest.mark.parametrize(
+    "case", ["component_too_long", "a_file", "below_a_file", "unreadable_home", "unwritable", "read_only_fs"]
+)
+def test_import_and_op_survive_any_cache_path(tmp_path: Path, case: str) -> None:
+    """README: one warning naming the path and the reason, and the reference. `Path.exists()` used to raise at
+    import (PermissionError, ENAMETOOLONG), which takes `vllm serve` down."""
+    prefix: list[str] = []
+    env = _env(tmp_path / "unused")
+    if case == "component_too_long":
+        cache = tmp_path / ("a" * 300)
+    elif case in ("a_file", "below_a_file"):
+        (tmp_path / "file").write_text("")
+        cache = tmp_path / "file" if case == "a_file" else tmp_path / "file" / "below"
+    elif case == "unreadable_home":
+        prefix = _as_unprivileged_root()
+        home = tmp_path / "home"
+        home.mkdir(mode=0o000)
+        home.chmod(0o000)
+        env.pop("VLLM_INDEXER_EPILOG_CACHE")
+        env["HOME"] = str(home)
+        cache = home / ".cache" / "vllm_indexer_epilog"
+    elif case == "unwritable":
+        prefix = _as_unprivileged_root()
+        cache = tmp_path / "ro" / "cache"
+        cache.parent.mkdir()
+        cache.parent.chmod(0o555)
+    else:
+        (tmp_path / "mnt").mkdir()
+        prefix = _on_a_read_only_mount(tmp_path / "mnt")
+        cache = tmp_path / "mnt" / "cache"
+    if case != "unreadable_home":
+        env["VLLM_INDEXER_EPILOG_CACHE"] = str(cache)
+    out = subprocess.run([*prefix, sys.executable, "-c", CALL_OP], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stderr[-3000:]
+    _, at_import, registered, _ = out.stdout.split()
+    assert (at_import, registered) == ("False", "False"), out.stdout
+    warnings = [line for line in out.stderr.splitlines() if "CPU kernel unavailable" in line]
+    assert len(warnings) == 1, out.stderr
+    assert "falls back to the torch reference" in warnings[0]
+    assert str(cache)[:60] in warnings[0], warnings[0]
+    assert re.search(r"PermissionError|File name too long|Not a directory|FileExistsError|NotADirectoryError|"
+                     r"Read-only file system",
+                     warnings[0]), warnings[0]
+
+
+FAKE_CXX = """#!/bin/sh
+# Stands in for c++: copies $VIE_TEST_SO to the -o argument; $VIE_TEST_ORPHAN names a *.tmp.so that appears
+# in the same folder meanwhile, as the output of a killed builder's compiler that ran on.
+out=""; prev=""
+for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
+cp "$VIE_TEST_SO" "$out"
+if [ -n "$VIE_TEST_ORPHAN" ]; then : > "$(dirname "$out")/$VIE_TEST_ORPHAN"; fi
+"""
+
+
+@pytest.fixture
+def built_kernel() -> Path:
+    """This machine's real build (compiled once if needed), for the fake compiler to hand out."""
+    if not cpu_backend.load_cpu_kernel():
+        pytest.skip("the CPU kernel cannot be built here")
+    return cpu_backend.kernel_path()
+
+
+def _fake_cxx(tmp_path: Path) -> Path:
+    cxx = tmp_path / "fake-cxx"
+    cxx.write_text(FAKE_CXX)
+    cxx.chmod(0o755)
+    return cxx
+
+
+def _key_path(cache: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    with monkeypatch.context() as m:
+        m.setenv("VLLM_INDEXER_EPILOG_CACHE", str(cache))
+        return cpu_backend.kernel_path()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x7fELF not really a library" * 10], ids=["empty", "garbage"])
+def test_corrupt_cached_build_is_rebuilt_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, built_kernel: Path,
+                                              content: bytes) -> None:
+    """A truncated or overwritten .so used to be loaded and refused by every process, forever (reference)."""
+    cache = tmp_path / "cache"
+    bad = _key_path(cache, monkeypatch)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(content)
+    env = _env(cache, CXX=str(_fake_cxx(tmp_path)), VIE_TEST_SO=str(built_kernel))
+    out = _run(CALL_OP, env, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stderr[-3000:]
+    _, at_import, registered, _ = out.stdout.split()
+    assert (at_import, registered) == ("False", "True"), out.stderr[-3000:]
+    assert out.stderr.count("compiling the CPU kernel") == 1 and "does not load" in out.stderr, out.stderr
+    assert bad.read_bytes() == built_kernel.read_bytes()
+    # The next process loads the rebuilt file at import.
+    out = _run(CALL_OP, env, timeout=120)
+    assert out.stdout.split()[1:3] == ["True", "True"], out.stderr[-3000:]
+
+
+def test_a_rebuild_that_does_not_load_either_falls_back_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "cache"
+    bad = _key_path(cache, monkeypatch)
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"garbage")
+    (tmp_path / "junk.so").write_bytes(b"still garbage")
+    env = _env(cache, CXX=str(_fake_cxx(tmp_path)), VIE_TEST_SO=str(tmp_path / "junk.so"))
+    out = _run(CALL_OP, env, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stderr[-3000:]
+    assert out.stdout.split()[1:3] == ["False", "False"]
+    assert out.stderr.count("compiling the CPU kernel") == 1, out.stderr
+    assert out.stderr.count("CPU kernel unavailable") == 1, out.stderr
+
+
+def test_orphaned_temporary_files_are_cleaned_by_the_next_builder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   built_kernel: Path) -> None:
+    """Killing only the Python builder left its compiler running on, whose `*.tmp.so` nobody removed: one
+    that predates the next build and one that appears while it compiles are both gone once it is done."""
+    out = tmp_path / "cpu-key" / "lib.so"
+    out.parent.mkdir(parents=True)
+    (out.parent / "lib.111.deadbeef.tmp.so").write_bytes(b"half a library")
+    monkeypatch.setenv("CXX", str(_fake_cxx(tmp_path)))
+    monkeypatch.setenv("VIE_TEST_SO", str(built_kernel))
+    monkeypatch.setenv("VIE_TEST_ORPHAN", "lib.222.cafebabe.tmp.so")
+    cpu_backend._build(cpu_backend.csrc_dir(), ["-O0"], out, "native")
+    assert out.read_bytes() == built_kernel.read_bytes()
+    assert sorted(p.name for p in out.parent.iterdir()) == ["build.lock", "lib.so"]
+
+
+def test_a_stuck_lock_holder_delays_start_up_by_a_bounded_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It used to be 900 s; now VLLM_INDEXER_EPILOG_BUILD_WAIT_S (default 120 s), then the reference, named."""
+    import fcntl
+
+    cache = tmp_path / "cache"
+    lock = _key_path(cache, monkeypatch).parent / "build.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("pid 4242\n")
+    fd = os.open(lock, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        t0 = time.monotonic()
+        out = _run(CALL_OP, _env(cache, VLLM_INDEXER_EPILOG_BUILD_WAIT_S="1"), timeout=90)
+        took = time.monotonic() - t0
+    finally:
+        os.close(fd)
+    assert out.returncode == 0 and out.stdout.startswith("OK"), out.stderr[-3000:]
+    assert out.stdout.split()[1:3] == ["False", "False"]
+    warnings = [line for line in out.stderr.splitlines() if "CPU kernel unavailable" in line]
+    assert len(warnings) == 1 and "pid 4242" in warnings[0] and str(lock) in warnings[0], out.stderr
+    assert "torch reference" in warnings[0] and "VLLM_INDEXER_EPILOG_BUILD_WAIT_S" in warnings[0]
+    assert took < 60
+    from vllm_indexer_epilog import envs
+
+    monkeypatch.delenv(envs.BUILD_WAIT_S, raising=False)
+    assert envs.build_wait_s() <= 120

@@ -78,6 +78,14 @@ def _kwargs(**over: object) -> Callable[[], Args]:
     return make
 
 
+def _aliased(i: int, of: int, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Args:
+    """Valid arguments except that argument `i` is a `dtype` view of argument `of`'s bytes from `offset`."""
+    args = list(_valid())
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    args[i] = args[of].view(torch.uint8).reshape(-1)[offset:offset + nbytes].view(dtype).view(shape)
+    return tuple(args)  # type: ignore[return-value]
+
+
 INVALID: dict[str, Callable[[], Args]] = {
     "quant_mode_2": _kwargs(quant_mode=2),
     "quant_mode_negative": _kwargs(quant_mode=-1),
@@ -111,6 +119,12 @@ INVALID: dict[str, Callable[[], Args]] = {
     "scale_requires_grad": _replace(1, lambda t: t.requires_grad_()),
     "cache_inference_tensor": _replace(0, _inference),
     "scale_inference_tensor": _replace(1, _inference),
+    # aliasing (SPEC "Aliasing"): an output sharing bytes with another argument
+    "scale_in_cache": lambda: _aliased(1, 0, 0, torch.float32, (8, 2)),
+    "cache_in_x": lambda: _aliased(0, 2, 0, torch.float8_e4m3fn, (8, 200)),
+    "scale_in_x": lambda: _aliased(1, 2, 1000, torch.float32, (8, 2)),
+    "slots_in_cache": lambda: _aliased(3, 0, 16, torch.int64, (5,)),
+    "slots_in_scale": lambda: _aliased(3, 1, 8, torch.int32, (5,)),
 }
 
 
@@ -274,3 +288,32 @@ def test_ascend_schema_gets_the_native_kernel() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300,
                          env=dict(os.environ))
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+# Strict mode is parsed once, by envs (the kernel asks Python only when a call names one slot twice): the
+# compiled kernel and the reference agree on every value. They used to disagree on Unicode and control
+# "whitespace", and `no`, `off`, `FALSE` turned strict mode on.
+STRICT_VALUES = {
+    "1": True, "true": True, "TRUE": True, "yes": True, "on": True, " 1 ": True, "\tYes\n": True,
+    "": False, "0": False, "false": False, "FALSE": False, "False": False, "no": False, "off": False, " 0 ": False,
+    # not booleans: one warning, then the default (off)
+    "0\xa0": False, "\u20030": False, "0\u3000": False, "0\x1f": False, "\x1c0": False, "\x85false": False,
+    "maybe": False, "2": False, "1\xa0": False,
+}
+
+
+@pytest.mark.parametrize("value", sorted(STRICT_VALUES), ids=repr)
+def test_kernel_and_reference_read_strict_mode_alike(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("VLLM_INDEXER_EPILOG_STRICT", value)
+    x = random_x(3, 128, torch.bfloat16, seed=5)
+    slots = torch.tensor([2, -1, 2])
+    outcome = {}
+    for name, fn in (("kernel", OP), ("reference", reference_indexer_compress_epilog)):
+        cache, scale = poisoned(4, 128, torch.float8_e4m3fn, 1, seed=6)
+        try:
+            fn(cache, scale, x, slots)
+            outcome[name] = False
+        except ValueError as exc:
+            assert "same cache row twice" in str(exc)
+            outcome[name] = True
+    assert outcome == {"kernel": STRICT_VALUES[value], "reference": STRICT_VALUES[value]}

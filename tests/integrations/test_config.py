@@ -85,3 +85,106 @@ def test_bundled_flag_examples_parse() -> None:
     got = {f.stem: parse_epilog_config(json.loads(f.read_text())["indexer_epilog"], f.name) for f in files}
     assert got["indexer-epilog-mx"].quant_mode == 0 and got["indexer-epilog-standard"] == EpilogConfig(explicit=True)
     assert not got["indexer-epilog-off"].enabled
+
+
+# ---- reliability: null, non-objects, bounded messages, any input raises the parser's own error ----------
+
+SOURCES = {"model": "model config", "additional": "--additional-config"}
+
+
+@pytest.mark.parametrize("where", sorted(SOURCES))
+@pytest.mark.parametrize("raw", [None, "mx", 1, 0.5, True, [], ["mx"]], ids=repr)
+def test_null_and_non_objects_fail_naming_field_and_source(where, raw) -> None:
+    """README: a value that is not an object fails start-up. `null` used to pass as "absent"."""
+    from types import SimpleNamespace
+
+    hf = SimpleNamespace(indexer_epilog=raw) if where == "model" else SimpleNamespace()
+    additional = {"indexer_epilog": raw} if where == "additional" else {}
+    cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), additional_config=additional)
+    with pytest.raises(EpilogConfigError, match="indexer_epilog must be a JSON object") as info:
+        epilog_config_from_vllm(cfg)
+    assert SOURCES[where] in str(info.value)
+
+
+def test_null_in_a_dict_hf_config_fails() -> None:
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config={"indexer_epilog": None}), additional_config=None)
+    with pytest.raises(EpilogConfigError, match="model config.*must be a JSON object, got null"):
+        epilog_config_from_vllm(cfg)
+
+
+def test_absent_key_still_gives_the_defaults() -> None:
+    from types import SimpleNamespace
+
+    for hf, additional in (({}, {}), (SimpleNamespace(), None), (None, {"other_plugin": 1})):
+        cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), additional_config=additional)
+        assert epilog_config_from_vllm(cfg) == EpilogConfig()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"quant_mode": "x" * 10_000_000},
+        {"fp8_dtype": "y" * 10_000_000},
+        {"enabled": ["z" * 1000] * 10_000},
+        {("k" * 10_000_000): 1},
+        "v" * 10_000_000,
+    ],
+    ids=["quant_mode", "fp8_dtype", "enabled", "key", "whole_value"],
+)
+def test_messages_quote_a_bounded_prefix(raw) -> None:
+    with pytest.raises(EpilogConfigError) as info:
+        parse_epilog_config(raw, "model config")
+    assert len(str(info.value)) < 600, len(str(info.value))
+    assert "model config" in str(info.value)
+
+
+def _deep(depth: int) -> object:
+    value: object = "mx"
+    for _ in range(depth):
+        value = {"a": [value]}
+    return value
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {1: "a", "b": 2},  # mixed int/str unknown keys: sorted() used to raise TypeError
+        {(1, 2): 1, "quant_mode": "mx"},
+        {"quant_mode": _deep(100_000)},  # repr() used to raise RecursionError
+        {"round_scale": _deep(100_000)},
+        {"fp8_dtype": _deep(100_000)},
+        {"quant_mode": ["mx"]},  # unhashable
+        {"quant_mode": {"mx": 1}},
+    ],
+    ids=["mixed_keys", "tuple_key", "deep_quant_mode", "deep_round_scale", "deep_fp8_dtype", "list_mode", "dict_mode"],
+)
+def test_any_input_raises_the_parsers_own_error(raw) -> None:
+    with pytest.raises(EpilogConfigError) as info:
+        parse_epilog_config(raw, "model config")
+    assert len(str(info.value)) < 600
+
+
+class _Broken(dict):
+    def get(self, *args, **kwargs):  # a Mapping whose methods raise
+        raise RuntimeError("boom")
+
+    def __iter__(self):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("where", ["additional", "model", "value"])
+def test_non_dict_and_broken_configs_raise_the_parsers_error(where) -> None:
+    from types import SimpleNamespace
+
+    hf, additional = SimpleNamespace(), {}
+    if where == "additional":
+        additional = ["not", "an", "object"]  # used to raise AttributeError: 'list' object has no attribute 'get'
+    elif where == "model":
+        hf = _Broken()
+    else:
+        additional = {"indexer_epilog": _Broken(quant_mode="mx")}
+    cfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=hf), additional_config=additional)
+    with pytest.raises(EpilogConfigError):
+        epilog_config_from_vllm(cfg)

@@ -32,6 +32,19 @@ def _set(key: str, make: Callable[[dict], object]) -> Callable[[dict], None]:
     return mutate
 
 
+def _bytes_as(t: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous `dtype` view of `t`'s bytes from byte `offset`: an argument aliasing `t`."""
+    n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    return t.view(torch.uint8).reshape(-1)[offset:offset + n].view(dtype).view(shape)
+
+
+def _cache_and_scale_sharing(a: dict, overlap: int) -> None:
+    """Contiguous cache and scale in one buffer, the scale starting `overlap` bytes before the cache ends."""
+    buf = torch.zeros(N * D + N * 2 * 4, dtype=torch.uint8, device=a["cache"].device)
+    a["cache"] = buf[: N * D].view(torch.float8_e4m3fn).view(N, D)
+    a["scale"] = buf[N * D - overlap: N * D - overlap + N * 2 * 4].view(torch.float32).view(N, 2)
+
+
 # (case id, mutation of good arguments, words the message must contain, exception type)
 CASES = [
     ("x_dtype", _set("x", lambda a: a["x"].to(torch.float64)), "x must have dtype", TypeError),
@@ -58,6 +71,19 @@ CASES = [
     ("d_zero", _set("x", lambda a: torch.zeros(T, 0, dtype=torch.bfloat16, device=a["x"].device)), "d >= 1", ValueError),
     # Through the dispatcher, torch's own schema check answers first (RuntimeError naming argument 'x').
     ("x_not_tensor", _set("x", lambda a: [[1.0]]), "x must be a torch.Tensor|for argument 'x'", (TypeError, RuntimeError)),
+    # Aliasing: an output sharing bytes with another argument (SPEC "Aliasing"); the later argument is named.
+    ("scale_in_cache", _set("scale", lambda a: _bytes_as(a["cache"], 0, torch.float32, (N, 2))),
+     "indexer_compress_scale overlaps indexer_compress_cache", ValueError),
+    ("scale_overlaps_cache_tail", lambda a: _cache_and_scale_sharing(a, overlap=40),
+     "indexer_compress_scale overlaps indexer_compress_cache", ValueError),
+    ("cache_in_x", _set("cache", lambda a: _bytes_as(a["x"], 0, torch.float8_e4m3fn, (N, D))),
+     "x overlaps indexer_compress_cache", ValueError),
+    ("scale_in_x", _set("scale", lambda a: _bytes_as(a["x"], 400, torch.float32, (N, 2))),
+     "x overlaps indexer_compress_scale", ValueError),
+    ("slots_in_cache", _set("slot_mapping", lambda a: _bytes_as(a["cache"], 8, torch.int32, (T,))),
+     "slot_mapping overlaps indexer_compress_cache", ValueError),
+    ("slots_in_scale", _set("slot_mapping", lambda a: _bytes_as(a["scale"], 0, torch.int32, (T,))),
+     "slot_mapping overlaps indexer_compress_scale", ValueError),
 ]
 
 SLOT_RANGE_CASES = [
@@ -205,3 +231,70 @@ def test_torch_ops_converts_options_silently() -> None:
                                              round_scale=None)
     np.testing.assert_array_equal(as_bytes(a["cache"]), as_bytes(want_c))
     np.testing.assert_array_equal(as_bytes(a["scale"]), as_bytes(want_s))
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize(
+    ("key", "value", "name"),
+    [
+        ("x", [[1.0] * D] * T, "x"),
+        ("x", np.zeros((T, D), dtype=np.float32), "x"),
+        ("x", None, "x"),
+        ("cache", np.zeros((N, D), dtype=np.uint8), "indexer_compress_cache"),
+        ("scale", [0.0] * 20, "indexer_compress_scale"),
+        ("slot_mapping", [0, 3, -1, 9, 5, 1], "slot_mapping"),
+    ],
+    ids=["x_list", "x_numpy", "x_none", "cache_numpy", "scale_list", "slots_list"],
+)
+def test_non_tensor_arguments_named(entry, key, value, name) -> None:
+    """The wrapper used to answer `'list' object has no attribute 'device'` for x."""
+    a = good_args("cpu")
+    a[key] = value
+    with pytest.raises(TypeError, match=f"^{name} must be a torch.Tensor"):
+        _call(ENTRY_POINTS[entry], a)
+
+
+def _packed(nb: int = 3, bs: int = 4, d: int = 128, pad: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A packed-block buffer ([bs*d fp8 values][bs*G float32 scales][pad] per block) and its two views."""
+    page = bs * d + bs * 4 + pad
+    raw = torch.zeros(nb * page + 4096, dtype=torch.uint8)
+    values = torch.as_strided(raw.view(torch.float8_e4m3fn), (nb, bs, d), (page, d, 1), 0)
+    scales = torch.as_strided(raw.view(torch.float32), (nb, bs, 1), (page // 4, 1, 1), bs * d // 4)
+    return raw, values, scales
+
+
+PACKED_ENTRIES = {"reference": BACKENDS["reference"][0], "cpu_kernel": BACKENDS["cpu_kernel"][0]}
+
+
+@pytest.mark.parametrize("entry", sorted(PACKED_ENTRIES))
+def test_packed_pair_shares_storage_legitimately(entry) -> None:
+    raw, values, scales = _packed()
+    x = random_x(5, 128, torch.bfloat16, seed=1)
+    _call(PACKED_ENTRIES[entry], {"cache": values, "scale": scales, "x": x,
+                                  "slot_mapping": torch.tensor([0, 5, -1, 11, 6]), "quant_mode": 1, "round_scale": True})
+    assert raw.any()
+
+
+@pytest.mark.parametrize("entry", sorted(PACKED_ENTRIES))
+@pytest.mark.parametrize(
+    ("where", "name"),
+    [("x_in_first_block", "x overlaps indexer_compress_cache"), ("x_in_padding", "x overlaps indexer_compress_cache"),
+     ("slots_in_scales", "slot_mapping overlaps indexer_compress_cache")],
+)
+def test_packed_pair_aliasing_refused(entry, where, name) -> None:
+    """Only the two views may share the page; anything else inside the pair's bytes is refused by name."""
+    d = 32 if where == "x_in_padding" else 128
+    raw, values, scales = _packed(d=d)
+    page = values.stride(0)
+    x, slots = random_x(5, d, torch.bfloat16, seed=1), torch.tensor([0, 5, -1, 11, 6])
+    if where == "x_in_first_block":
+        x = raw[: x.numel() * 2].view(torch.bfloat16).view(x.shape)
+    elif where == "x_in_padding":  # one row in the pad after block 0: between the views, inside their extent
+        x, slots = raw[page - 2 * d: page].view(torch.bfloat16).view(1, d), torch.tensor([1])
+    else:  # over block 0's scales and pad
+        slots = raw[4 * d: 4 * d + 40].view(torch.int64)
+    before = raw.clone()
+    with pytest.raises(ValueError, match=f"^{name}"):
+        _call(PACKED_ENTRIES[entry], {"cache": values, "scale": scales, "x": x, "slot_mapping": slots,
+                                      "quant_mode": 1, "round_scale": True})
+    assert torch.equal(raw, before)

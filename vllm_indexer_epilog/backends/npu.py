@@ -68,7 +68,7 @@ def _forced() -> NpuBackend | None:
         return NpuBackend(value)
     except ValueError:
         raise ValueError(
-            f"{envs.NPU_BACKEND}={value!r}: expected auto, " + ", ".join(b.value for b in NpuBackend)
+            f"{envs.NPU_BACKEND}={envs.quote(value)}: expected auto, " + ", ".join(b.value for b in NpuBackend)
         ) from None
 
 

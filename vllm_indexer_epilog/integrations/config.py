@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from ..envs import quote
 from ..op.spec import FP8_FORMATS, QUANT_MODE_MX, QUANT_MODE_STANDARD
 
 CONFIG_KEY = "indexer_epilog"
@@ -54,50 +55,100 @@ class EpilogConfig:
         return f"{self.mode_name}{rs}, {str(self.fp8_dtype).removeprefix('torch.')}"
 
 
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Any = _Absent()
+"""The key is not given at all (a JSON `null` is given, and is an error)."""
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
 def parse_epilog_config(raw: Any, source: str) -> EpilogConfig:
-    """Validate one `indexer_epilog` value; errors name the source and the field."""
-    if raw is None:
+    """Validate one `indexer_epilog` value; errors name the source and the field, quote at most a bounded
+    prefix of the value, and are EpilogConfigError whatever `raw` is. `ABSENT` gives the defaults."""
+    if raw is ABSENT:
         return EpilogConfig()
+    try:
+        return _parse(raw, source)
+    except EpilogConfigError:
+        raise
+    except Exception as exc:  # RecursionError, a Mapping whose methods raise, ...: still the flag's error
+        raise EpilogConfigError(
+            f"{source}: {CONFIG_KEY} could not be read ({type(exc).__name__}: {quote(str(exc))})"
+        ) from None
+
+
+def _parse(raw: Any, source: str) -> EpilogConfig:
     if not isinstance(raw, Mapping):
-        raise EpilogConfigError(f"{source}: {CONFIG_KEY} must be a JSON object, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(_FIELDS))
+        raise EpilogConfigError(
+            f"{source}: {CONFIG_KEY} must be a JSON object, got {_type_name(raw)} {quote(raw)}"
+        )
+    unknown = sorted((k for k in raw if k not in _FIELDS), key=lambda k: (type(k).__name__, str(k)))
     if unknown:
-        raise EpilogConfigError(f"{source}: unknown {CONFIG_KEY} field(s) {unknown}; allowed: {list(_FIELDS)}")
+        raise EpilogConfigError(
+            f"{source}: unknown {CONFIG_KEY} field(s) {quote(unknown)}; allowed: {list(_FIELDS)}"
+        )
     enabled = raw.get("enabled", True)
     round_scale = raw.get("round_scale", True)
     for name, value in (("enabled", enabled), ("round_scale", round_scale)):
         if not isinstance(value, bool):
-            raise EpilogConfigError(f"{source}: {CONFIG_KEY}.{name} must be true or false, got {value!r}")
+            raise EpilogConfigError(f"{source}: {CONFIG_KEY}.{name} must be true or false, got {quote(value)}")
     mode = raw.get("quant_mode", "standard")
     key = mode.lower() if isinstance(mode, str) else mode
     if isinstance(mode, bool) or not isinstance(mode, (str, int)) or key not in _QUANT_MODES:
-        raise EpilogConfigError(f"{source}: {CONFIG_KEY}.quant_mode must be \"standard\" (1) or \"mx\" (0), got {mode!r}")
+        raise EpilogConfigError(
+            f"{source}: {CONFIG_KEY}.quant_mode must be \"standard\" (1) or \"mx\" (0), got {quote(mode)}"
+        )
     dtype_name = raw.get("fp8_dtype", "float8_e4m3fn")
     if not isinstance(dtype_name, str) or dtype_name.removeprefix("torch.") not in _FP8_DTYPES:
         raise EpilogConfigError(
-            f"{source}: {CONFIG_KEY}.fp8_dtype must be one of {sorted(_FP8_DTYPES)}, got {dtype_name!r}"
+            f"{source}: {CONFIG_KEY}.fp8_dtype must be one of {sorted(_FP8_DTYPES)}, got {quote(dtype_name)}"
         )
     return EpilogConfig(enabled, _QUANT_MODES[key], round_scale, _FP8_DTYPES[dtype_name.removeprefix("torch.")], True)
 
 
-def _hf_value(hf_config: Any) -> Any:
-    if hf_config is None:
-        return None
-    if isinstance(hf_config, Mapping):
-        return hf_config.get(CONFIG_KEY)
-    return getattr(hf_config, CONFIG_KEY, None)
+def _lookup(holder: Any, source: str) -> Any:
+    """`holder`'s `indexer_epilog` (a mapping's key or an object's attribute), ABSENT when it has none."""
+    if holder is None:
+        return ABSENT
+    if isinstance(holder, (str, bytes, int, float, list, tuple)):  # JSON that is not an object
+        raise EpilogConfigError(f"{source} must be a JSON object to hold {CONFIG_KEY}, got {_type_name(holder)} "
+                                f"{quote(holder)}")
+    try:
+        if isinstance(holder, Mapping):
+            return holder.get(CONFIG_KEY, ABSENT)
+        return getattr(holder, CONFIG_KEY, ABSENT)
+    except Exception as exc:
+        raise EpilogConfigError(
+            f"{source}: {CONFIG_KEY} could not be read ({type(exc).__name__}: {quote(str(exc))})"
+        ) from None
+
+
+MODEL_SOURCE = "model config (config.json / --hf-overrides)"
+ADDITIONAL_SOURCE = "--additional-config"
 
 
 def epilog_config_from_vllm(vllm_config: Any) -> EpilogConfig:
     """The flag of a `VllmConfig` (or anything with `.model_config.hf_config` and `.additional_config`)."""
-    model_config = getattr(vllm_config, "model_config", None)
-    from_model = _hf_value(getattr(model_config, "hf_config", None))
-    from_additional = (getattr(vllm_config, "additional_config", None) or {}).get(CONFIG_KEY)
-    a = parse_epilog_config(from_model, "model config (config.json / --hf-overrides)")
-    b = parse_epilog_config(from_additional, "--additional-config")
-    if from_model is not None and from_additional is not None and a != b:
+    try:
+        hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+        additional = getattr(vllm_config, "additional_config", None)
+    except Exception as exc:
+        raise EpilogConfigError(
+            f"the vLLM config could not be read for {CONFIG_KEY} ({type(exc).__name__}: {quote(str(exc))})"
+        ) from None
+    from_model = _lookup(hf_config, MODEL_SOURCE)
+    from_additional = _lookup(additional, ADDITIONAL_SOURCE)
+    a = parse_epilog_config(from_model, MODEL_SOURCE)
+    b = parse_epilog_config(from_additional, ADDITIONAL_SOURCE)
+    if from_model is not ABSENT and from_additional is not ABSENT and a != b:
         raise EpilogConfigError(
             f"{CONFIG_KEY} differs between the model config ({a.describe()}, enabled={a.enabled}) and "
             f"--additional-config ({b.describe()}, enabled={b.enabled}); give it once"
         )
-    return b if from_additional is not None else a
+    return b if from_additional is not ABSENT else a

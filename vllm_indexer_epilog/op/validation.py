@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .geometry import PackedGeometry, packed_geometry
+from .geometry import PackedGeometry, _is_fake, packed_geometry, same_storage
 from .spec import FP8_FORMATS, SCALE_DTYPE_BY_MODE, SLOT_DTYPES, X_DTYPES, Fp8Format, num_groups
 
 
@@ -62,6 +62,23 @@ def validate_options(quant_mode: object, round_scale: object) -> None:
         raise TypeError(f"round_scale must be a bool, got {round_scale!r} ({type(round_scale).__name__})")
 
 
+def validate_tensor_types(
+    cache: object, scale: object, x: object, slot_mapping: object
+) -> tuple[tuple[str, torch.Tensor], ...]:
+    """TypeError naming the first argument that is not a torch.Tensor (a list, a numpy array, None, ...);
+    the four arguments with their names otherwise."""
+    named = (
+        ("indexer_compress_cache", cache),
+        ("indexer_compress_scale", scale),
+        ("x", x),
+        ("slot_mapping", slot_mapping),
+    )
+    for name, t in named:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return named  # type: ignore[return-value]
+
+
 def _check_writable(name: str, t: torch.Tensor) -> None:
     """Refuse outputs that an in-place write would corrupt or that torch would refuse after a partial write.
 
@@ -97,15 +114,7 @@ def validate_epilog_args(
     a packed pair (geometry.py's own errors); `packed=False` insists on contiguous tensors.
     """
     validate_options(quant_mode, round_scale)
-    named = (
-        ("indexer_compress_cache", cache),
-        ("indexer_compress_scale", scale),
-        ("x", x),
-        ("slot_mapping", slot_mapping),
-    )
-    for name, t in named:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    named = validate_tensor_types(cache, scale, x, slot_mapping)
 
     if x.dtype not in X_DTYPES:
         raise TypeError(f"x must have dtype {_dtype_names(X_DTYPES)}, got {x.dtype}")
@@ -166,7 +175,41 @@ def validate_epilog_args(
     t_rows = x.numel() // d
     if slot_mapping.numel() != t_rows:
         raise ValueError(f"slot_mapping must have one element per row of x ({t_rows}), got {slot_mapping.numel()}")
+    check_no_aliasing(named, packed_pair=packed)
     return EpilogProblem(t_rows, geometry, fmt, quant_mode, round_scale)
+
+
+def _byte_extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) byte of a non-empty tensor: absolute addresses, or storage offsets on meta."""
+    span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.storage_offset() * t.element_size() if t.device.type == "meta" else t.data_ptr()
+    return start, start + span * t.element_size()
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.numel() == 0 or b.numel() == 0 or _is_fake(a) or _is_fake(b):  # fake: the real kernel checks
+        return False
+    if a.device.type == "meta" and not same_storage(a, b):
+        return False
+    (a0, a1), (b0, b1) = _byte_extent(a), _byte_extent(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_no_aliasing(named: tuple[tuple[str, torch.Tensor], ...], *, packed_pair: bool) -> None:
+    """Refuse an output whose bytes (first to last) meet another argument's: the write would change input
+    still to be read, or one output would clobber the other, differently per backend. The one exception is
+    the packed-block pair, whose two views interleave by design and which packed_geometry() has checked
+    to be disjoint element by element. `named`: cache, scale, x, slot_mapping, in that order."""
+    outputs = named[:2]
+    for i, (out_name, out) in enumerate(outputs):
+        for other_name, other in named[i + 1:]:
+            if packed_pair and i == 0 and other_name == named[1][0]:
+                continue
+            if _overlap(out, other):
+                raise ValueError(
+                    f"{other_name} overlaps {out_name} in memory: {out_name} is written in place, so it must not "
+                    "share bytes with another argument"
+                )
 
 
 def check_slot_range(slot_mapping: torch.Tensor, num_slots: int, *, reject_duplicates: bool = False) -> None:

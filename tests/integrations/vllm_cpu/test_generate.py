@@ -16,8 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-from vllm_serve_client import Server  # noqa: E402
+from serving import Server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]

@@ -23,10 +23,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from vllm_serve_client import Server, token_prompt, well_formed  # noqa: E402
+from serving import Server, token_prompt, well_formed  # noqa: E402
 
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
 from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE  # noqa: E402

@@ -20,6 +20,7 @@ from . import releases
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 CHECKS = ("real_deepseek_v4.py", "real_sfa_li_c8.py")
 SELECTED = [v for v in os.environ.get("VIE_ASCEND_RELEASES", "").split(",") if v] or [r.version for r in releases.RELEASES]
 

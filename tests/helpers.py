@@ -49,6 +49,17 @@ def op_backend(*args: object, **kwargs: object) -> None:
     torch.ops.custom.indexer_compress_epilog(*args, **kwargs)
 
 
+def cpu_kernel_backend(*args: object, **kwargs: object) -> None:
+    """The op on CPU, which must have run the compiled C++ kernel: without one the op would quietly run the
+    torch reference, and every `cpu_kernel` test would then be testing the reference twice."""
+    from vllm_indexer_epilog.backends import cpu
+
+    torch.ops.custom.indexer_compress_epilog(*args, **kwargs)
+    assert cpu.native_kernel_registered(), (
+        "the cpu_kernel backend ran without the native C++ kernel registered (could it build? see the log)"
+    )
+
+
 def triton_backend(*args: object, **kwargs: object) -> None:
     from vllm_indexer_epilog.backends.triton_kernel import triton_indexer_compress_epilog
 
@@ -58,7 +69,7 @@ def triton_backend(*args: object, **kwargs: object) -> None:
 def available_backends() -> dict[str, tuple[Backend, str]]:
     """name -> (callable, device). The op dispatches by device: CPU kernel here, Triton on CUDA."""
     out: dict[str, tuple[Backend, str]] = {
-        "cpu_kernel": (op_backend, "cpu"),
+        "cpu_kernel": (cpu_kernel_backend, "cpu"),
         "reference": (reference_indexer_compress_epilog, "cpu"),
     }
     try:

@@ -53,8 +53,10 @@ class EnvVar:
 
 VARIABLES: tuple[EnvVar, ...] = (
     EnvVar(STRICT, "bool", "0",
-           "Every backend checks slots on the host and rejects two rows naming one cache row (accelerators "
-           "otherwise skip out-of-range rows, and every backend lets the last row win).",
+           "Every backend checks slots on the host and raises on a slot outside [-1, N) or two rows naming one "
+           "cache row (accelerators otherwise skip out-of-range rows, and every backend lets the last row win). "
+           "A host sync on accelerators; skipped while a CUDA graph is being captured. The C++ kernel gets the "
+           "value from Python (this parser), never from the environment.",
            WARNS, "one warning, then off"),
     EnvVar(CACHE, "path (folder)", "~/.cache/vllm_indexer_epilog",
            "Folder for the compiled CPU kernel and downloaded test wheels.",

@@ -15,9 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+from fakes.npu_ops import define_indexer_compress_epilog_v2
+
 FAKE_DIR = Path(__file__).resolve().parent / "npu"
 CUSTOM_OPS_DIR = Path(__file__).resolve().parent / "npu_custom_ops"
 _FAKE_MODULES = ("torch_npu", "vllm_ascend")
+V2_CALLS: list[dict] = []  # what _C_ascend.indexer_compress_epilog_v2 was called with (fakes/npu_ops.py)
 
 
 def _forget_fakes() -> None:
@@ -61,7 +64,7 @@ def boot(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.syspath_prepend(str(FAKE_DIR))
     monkeypatch.delenv(envs.NPU_BACKEND, raising=False)
-    fake_ops = importlib.import_module("fake_ascend_ops")  # defines _C_ascend's op once per process
+    define_indexer_compress_epilog_v2(V2_CALLS, strict_args=True)  # once per process
     site._logged.clear()
     npu_backend._logged.clear()
 
@@ -70,7 +73,7 @@ def boot(monkeypatch: pytest.MonkeyPatch):
         _forget_fakes()
         utils = importlib.import_module("vllm_ascend.utils")
         utils.DEVICE = utils.AscendDeviceType[device]
-        fake_ops.V2_CALLS.clear()
+        V2_CALLS.clear()
         if register_first:
             plugin.register()
         standin = Standin(
@@ -79,7 +82,7 @@ def boot(monkeypatch: pytest.MonkeyPatch):
             device_op=importlib.import_module("vllm_ascend.device.device_op"),
             indexer=importlib.import_module("vllm_ascend.models.deepseek_v4.indexer"),
             sfa=importlib.import_module("vllm_ascend.attention.sfa_v1"),
-            v2_calls=fake_ops.V2_CALLS,
+            v2_calls=V2_CALLS,
         )
         if not register_first:
             plugin.register()

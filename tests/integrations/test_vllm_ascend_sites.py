@@ -21,6 +21,7 @@ from vllm_indexer_epilog.integrations.vllm_ascend import HOOKS, sfa_li_c8
 from vllm_indexer_epilog.integrations.vllm_ascend.deepseek_v4_indexer import CACHE_MODULES
 from vllm_indexer_epilog.integrations.patching import release, version_allowed
 
+pytestmark = pytest.mark.network
 RELEASES = ("0.23.0", "0.24.0rc1")
 LI_C8_RELEASES = {"0.23.0"}  # 0.24.0rc1 was cut (Aug 4) before the LI-C8 cache landed; 0.23.0 (Aug 17) has it
 WHEELS = envs.cache_dir() / "vllm-ascend"

@@ -5,7 +5,8 @@ of vLLM or vllm-ascend is imported it installs what no CPU machine has, modelled
 vllm-ascend's own tests/ut/conftest.py: a `torch_npu` module (MagicMocks for what is only touched at import,
 plus working `npu_dynamic_quant` / `npu_scatter_nd_update_` that record their calls), `torch.npu`, `acl`,
 `triton.runtime`, `vllm_ascend._build_info` saying A5 (VIE_DEVICE overrides), and recorders for the two
-compiled `_C_ascend` ops the sites reach, with the schemas of vllm-ascend's library. Then, as vLLM does, it
+compiled `_C_ascend` ops the sites reach, with the schemas of vllm-ascend's library (the ops themselves are
+tests/fakes/npu_ops.py, shared with the reduced stand-in). Then, as vLLM does, it
 loads the general plugins (only ours: VLLM_PLUGINS=indexer_epilog) and imports `vllm_ascend.ops` (the
 import order vllm-ascend itself needs: `device_op` alone is circular). Nothing else is stubbed: every
 vllm-ascend and vLLM module the tests touch is the release's own code.
@@ -23,8 +24,12 @@ from unittest.mock import MagicMock
 
 import pytest
 
-CALLS: list[tuple[str, dict]] = []
-V2_CALLS: list[dict] = []
+# The NPU ops themselves are the shared stand-ins (tests/fakes/npu_ops.py; the parent puts tests/ on PYTHONPATH).
+# That module imports only torch: this package is imported later, once the torch_npu stand-in exists.
+from fakes.npu_ops import RecordingNpuOps, define_indexer_compress_epilog_v2
+
+CALLS: list[tuple[str, dict]] = []  # torch_npu's recorded calls
+V2_CALLS: list[dict] = []  # _C_ascend.indexer_compress_epilog_v2's
 
 
 def _module(name: str, **attrs: object) -> types.ModuleType:
@@ -37,27 +42,6 @@ def _module(name: str, **attrs: object) -> types.ModuleType:
     return m
 
 
-def _npu_dynamic_quant(x, dst_type=None, **_):  # noqa: ANN001, ANN202
-    import torch
-
-    dst_type = torch.int8 if dst_type is None else dst_type
-    CALLS.append(("npu_dynamic_quant", {"shape": tuple(x.shape), "dst_type": dst_type}))
-    top = 127.0 if dst_type == torch.int8 else torch.finfo(dst_type).max
-    scale = x.float().abs().amax(dim=-1).clamp(min=1e-12) / top
-    q = x.float() / scale.unsqueeze(-1)
-    codes = q.round().clamp(-128, 127).to(torch.int8) if dst_type == torch.int8 else q.to(dst_type)
-    return codes, scale
-
-
-def _npu_scatter_nd_update_(cache, indices, updates):  # noqa: ANN001, ANN202
-    CALLS.append(("npu_scatter_nd_update_", {"cache": tuple(cache.shape), "updates_dtype": updates.dtype}))
-    rows = indices.reshape(-1).long()
-    keep = rows >= 0
-    flat = cache.view(-1, cache.shape[-1])
-    flat[rows[keep]] = updates.reshape(rows.numel(), cache.shape[-1])[keep].to(cache.dtype)
-    return cache
-
-
 def _install_torch_npu() -> None:
     tn = _module("torch_npu")
     tn.npu = MagicMock()
@@ -66,8 +50,9 @@ def _install_torch_npu() -> None:
     tn.npu_fusion_attention = MagicMock()
     tn.npu_format_cast = lambda w, fmt, **k: w
     tn.float4_e2m1fn_x2, tn.hifloat8, tn.float8_e8m0fnu = 296, 290, 293
-    tn.npu_dynamic_quant = _npu_dynamic_quant
-    tn.npu_scatter_nd_update_ = _npu_scatter_nd_update_
+    ops = RecordingNpuOps(CALLS)
+    tn.npu_dynamic_quant = ops.npu_dynamic_quant
+    tn.npu_scatter_nd_update_ = ops.npu_scatter_nd_update_
     sys.modules["torch_npu._C"] = tn._C
     sys.modules["torch_npu._C._distributed_c10d"] = tn._C._distributed_c10d
     _module("torch_npu.op_plugin")
@@ -98,47 +83,10 @@ def _install_torch_npu() -> None:
     _module("vllm_ascend._build_info", __device_type__=os.environ.get("VIE_DEVICE", "A5"))
 
 
-def _install_c_ascend() -> None:
-    """`_C_ascend.indexer_compress_epilog_v2`: records its calls; writes what the Ascend C op writes (codes
-    then float32 scales in each block, from the project's reference, standard mode) when the buffer holds
-    whole rows of d + 4 * G bytes, and nothing otherwise (a 1-row warmup buffer of d bytes)."""
-    import torch
-
-    from vllm_indexer_epilog.op.reference import quantize_rows
-    from vllm_indexer_epilog.op.spec import FP8_FORMATS, QUANT_MODE_STANDARD, num_groups
-
-    lib = torch.library.Library("_C_ascend", "FRAGMENT")
-    lib.define("indexer_compress_epilog_v2(Tensor(a!) indexer_compress_cache, Tensor x, Tensor slot_mapping, "
-               "int layout=2) -> ()")
-
-    def v2(cache, x, slot_mapping, layout=2):  # noqa: ANN001, ANN202
-        assert cache.dtype == torch.uint8 and cache.dim() == 4 and layout == 2
-        d = x.shape[-1]
-        g = num_groups(d)
-        V2_CALLS.append({"shape": tuple(cache.shape), "block_stride": cache.stride(0), "x": x,
-                         "slots": slot_mapping.clone(), "storage": cache.untyped_storage().data_ptr(),
-                         "offset": cache.storage_offset()})
-        if cache.shape[-1] < d + 4 * g:
-            return
-        bs = cache.shape[1]
-        flat = torch.empty(0, dtype=torch.uint8).set_(cache.untyped_storage())
-        codes, scales = quantize_rows(x.reshape(-1, d), FP8_FORMATS[torch.float8_e4m3fn], QUANT_MODE_STANDARD, True)
-        for r, s in enumerate(slot_mapping.reshape(-1).tolist()):
-            if s < 0:
-                continue
-            base = cache.storage_offset() + (s // bs) * cache.stride(0)
-            off = s % bs
-            flat[base + off * d: base + (off + 1) * d] = codes[r].view(torch.uint8)
-            at = base + bs * d + off * g * 4
-            flat[at: at + g * 4] = scales[r].contiguous().view(torch.uint8)
-
-    lib.impl("indexer_compress_epilog_v2", v2, "CPU")
-    _install_c_ascend.lib = lib  # type: ignore[attr-defined]  (keep the library alive)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     _install_torch_npu()
-    _install_c_ascend()
+    # The real releases' own warmup call reaches it too, with argument types this project does not choose.
+    define_indexer_compress_epilog_v2(V2_CALLS, strict_args=False)
     logging.getLogger("vllm_indexer_epilog").setLevel(logging.INFO)
     os.environ.setdefault("VLLM_PLUGINS", "indexer_epilog")
     from vllm.plugins import load_general_plugins

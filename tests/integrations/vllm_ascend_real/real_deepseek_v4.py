@@ -109,6 +109,15 @@ def expected(p: Pages, x, slots, flag) -> torch.Tensor:
     return want.view(-1)
 
 
+def write_case(mode: str, num_blocks: int, rows: int, seed: int):  # noqa: ANN201
+    """(flag, pages, x, slots, the bytes the write must leave) for one mode: pages carved with `seed`, the batch
+    drawn with `seed + 1`."""
+    flag = MODES[mode]
+    p = carve(spec_for(flag), num_blocks, seed=seed)
+    x, slots = batch(p, rows, seed=seed + 1)
+    return flag, p, x, slots, expected(p, x, slots, flag)
+
+
 def batch(p: Pages, tokens: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(tokens, D, generator=g) * torch.exp2(torch.randint(-12, 12, (tokens, 1), generator=g).float()))
@@ -178,10 +187,7 @@ def test_page_layout_is_the_same_in_every_mode() -> None:
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_serial_caller_writes_the_right_bytes(mode) -> None:
-    flag = MODES[mode]
-    p = carve(spec_for(flag), 4, seed=1)
-    x, slots = batch(p, 37, seed=2)
-    want = expected(p, x, slots, flag)
+    flag, p, x, slots, want = write_case(mode, 4, 37, seed=1)
     with Ops() as ops:
         key_scale = serial_write(torch.randn(5, 2, D, dtype=torch.bfloat16), x, p, slots)
     assert torch.equal(p.raw, want)
@@ -205,10 +211,7 @@ def test_serial_caller_writes_the_right_bytes(mode) -> None:
 
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_split_stream_caller_writes_the_right_bytes_and_skips_part3(mode) -> None:
-    flag = MODES[mode]
-    p = carve(spec_for(flag), 3, seed=3)
-    x, slots = batch(p, 29, seed=4)
-    want = expected(p, x, slots, flag)
+    flag, p, x, slots, want = write_case(mode, 3, 29, seed=3)
     out = part1_write(x, p, slots.to(torch.int32))
     assert out[1] is None and out[0] is x
     assert torch.equal(p.raw, want)

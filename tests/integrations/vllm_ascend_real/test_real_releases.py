@@ -1,4 +1,4 @@
-"""Real-code tests: the vllm-ascend hooks against the real vllm-ascend of every release in README's matrix.
+"""Real-code tests: the vllm-ascend hooks against the real vllm-ascend of every release in docs/ascend.md's matrix.
 
 Each release runs in its own child process (its own vLLM and vllm-ascend on PYTHONPATH, see releases.py),
 which runs pytest on real_deepseek_v4.py and real_sfa_li_c8.py with the stand-in NPU layer of
@@ -20,6 +20,7 @@ from . import releases
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
+pytestmark = [pytest.mark.network, pytest.mark.slow]
 CHECKS = ("real_deepseek_v4.py", "real_sfa_li_c8.py")
 SELECTED = [v for v in os.environ.get("VIE_ASCEND_RELEASES", "").split(",") if v] or [r.version for r in releases.RELEASES]
 
@@ -32,7 +33,8 @@ def _run(version: str) -> tuple[str, int, str]:
     except releases.Unavailable as exc:
         return "skip", 0, f"vllm-ascend {version} not obtainable here: {exc}"
     env = dict(os.environ, VLLM_PLUGINS="indexer_epilog", VLLM_LOGGING_LEVEL="WARNING",
-               PYTHONPATH=os.pathsep.join([str(folder), str(releases.deps()), str(HERE), str(ROOT)]))
+               PYTHONPATH=os.pathsep.join([str(folder), str(releases.deps()), str(HERE), str(ROOT),
+                                           str(ROOT / "tests")]))  # tests/: fakes.npu_ops
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings", "-p", "npu_standin",
            "-c", os.devnull, "--rootdir", str(HERE), "--confcutdir", str(HERE), *(str(HERE / c) for c in CHECKS)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

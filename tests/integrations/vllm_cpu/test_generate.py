@@ -16,8 +16,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "scripts"))
-from vllm_serve_client import Server  # noqa: E402
+from serving import Server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -25,7 +24,8 @@ MODEL = ROOT / "configs" / "dsv4-tiny"
 LONG = 2300  # > 4 * index_topk (512) = 2048
 INDEXER_READ_OPS = {"fp8_paged_mqa_logits_cpu", "topk_transform_512_cpu"}
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="vLLM's CPU platform on Linux")
+pytestmark = [pytest.mark.e2e, pytest.mark.slow,
+              pytest.mark.skipif(sys.platform != "linux", reason="vLLM's CPU platform on Linux")]
 
 
 def _env(call_log: Path) -> dict[str, str]:

@@ -23,10 +23,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from vllm_serve_client import Server, token_prompt, well_formed  # noqa: E402
+from serving import Server, token_prompt, well_formed  # noqa: E402
 
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
 from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE  # noqa: E402
@@ -34,6 +31,7 @@ from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE  # noqa: E402
 if shutil.which("vllm") is None and not (Path(sys.executable).parent / "vllm").exists():
     pytest.skip("the `vllm` CLI is not installed (scripts/env.sh installs it)", allow_module_level=True)
 
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 LONG, SHORT, MAX_TOKENS = 2300, 16, 4
 MODES = {
     "standard-e4m3fn": {"quant_mode": "standard", "fp8_dtype": "float8_e4m3fn"},

@@ -1,1 +1,1 @@
-"""Stand-in vllm_ascend (see tests/fake_npu/README.md)."""
+"""Stand-in vllm_ascend (see tests/fakes/npu/README.md)."""

@@ -1,0 +1,207 @@
+"""Start `vllm serve` on the bundled tiny DeepSeek-V4, talk to it, stop it: the harness of the end-to-end tests
+(`from serving import Server`), also used by scripts/vllm_serve_client.py (the main job, scripts/serve.sh) and
+benchmarks/bench_serving.py. Standard library only. Every server listens on 127.0.0.1 on a free port, runs in its
+own session (so the engine processes it starts go with it) and is stopped by its pid; every wait and request loop
+is bounded.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "configs" / "dsv4-tiny"
+LINE = re.compile(r"indexer_epilog: (?P<site>[^:]+): mode=(?P<mode>\S+) round_scale=(?P<rs>\S+) fp8=(?P<fp8>\S+)")
+START_TIMEOUT_S = 420
+REQUEST_TIMEOUT_S = 300
+
+
+def die_with_parent() -> None:
+    """`preexec_fn` for a server: Linux sends it SIGTERM when the process that started it dies, so a test
+    runner killed by a timeout or SIGKILL cannot leave a server (and its 2 GB engine) behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def token_prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(2, 1000) for _ in range(n)]
+
+
+@dataclass
+class Server:
+    """`vllm serve` of the tiny model. `flag` is the `--additional-config` JSON (None: none given)."""
+
+    flag: dict | None = None
+    hf_overrides: dict | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: Path | None = None
+    max_num_seqs: int = 8
+    extra_args: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="vie-serve-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.log_path = self.workdir / "server.log"
+        self.stats_dir = self.workdir / "stats"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        vllm = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
+        cmd = [vllm, "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port), "--load-format", "dummy",
+               "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096",
+               "--max-num-seqs", str(self.max_num_seqs), "--seed", "0", "--distributed-executor-backend", "uni"]
+        if self.flag is not None:
+            cmd += ["--additional-config", json.dumps(self.flag)]
+        if self.hf_overrides is not None:
+            cmd += ["--hf-overrides", json.dumps(self.hf_overrides)]
+        return cmd + self.extra_args
+
+    def start(self) -> "Server":
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_INDEXER_EPILOG_STATS_DIR": str(self.stats_dir), **self.env}
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True, preexec_fn=die_with_parent, cwd=self.workdir)
+        return self
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        """True once /health answers; False if the server exited first (start-up failed)."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return False
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        return True
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(1.0)
+        raise TimeoutError(f"vllm serve not ready after {timeout_s:.0f} s (log: {self.log_path})")
+
+    def wait_exit(self, timeout_s: float = START_TIMEOUT_S) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """SIGTERM to the server's session (its pid is the group id), then SIGKILL after 30 s."""
+        if self.proc is None:
+            return
+        pid = self.proc.pid
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait_s)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Engine processes left in the session after the API server exited.
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._log.close()
+        self.proc = None
+
+    def __enter__(self) -> "Server":
+        self.start()
+        if not self.wait_ready():
+            self.stop()
+            raise RuntimeError(f"vllm serve exited during start-up:\n{self.log_tail()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------------------------------- requests
+    def complete(self, prompt: list[int], max_tokens: int = 4) -> dict:
+        """One /v1/completions request with token ids; returns the response with `elapsed_s` and `ttft_s`
+        (time to the first streamed token)."""
+        body = {"model": str(MODEL), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "return_token_ids": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.perf_counter()
+        ttft = None
+        tokens: list[int] = []
+        usage = None
+        finish = None
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices", []):
+                    ids = choice.get("token_ids") or []
+                    if ids and ttft is None:
+                        ttft = time.perf_counter() - t0
+                    tokens += ids
+                    finish = choice.get("finish_reason") or finish
+        return {"token_ids": tokens, "finish_reason": finish, "usage": usage, "ttft_s": ttft,
+                "elapsed_s": time.perf_counter() - t0}
+
+    def complete_many(self, prompts: list[list[int]], max_tokens: int = 4, concurrency: int = 8) -> list[dict]:
+        with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
+            return list(pool.map(lambda p: self.complete(p, max_tokens), prompts))
+
+    # ---------------------------------------------------------------------------------------- what happened
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def plugin_lines(self) -> list[dict]:
+        return [m.groupdict() for m in LINE.finditer(self.log_text())]
+
+    def stats(self) -> list[dict]:
+        return [json.loads(Path(p).read_text()) for p in sorted(glob.glob(str(self.stats_dir / "*.json")))]
+
+    def kv_cache_tokens(self) -> int | None:
+        m = re.search(r"CPU KV cache size: ([\d,]+) tokens", self.log_text())
+        return int(m.group(1).replace(",", "")) if m else None
+
+
+def well_formed(resp: dict, max_tokens: int, prompt_len: int) -> bool:
+    usage = resp.get("usage") or {}
+    ids = resp.get("token_ids") or []
+    return (len(ids) == max_tokens and all(isinstance(t, int) and 0 <= t < 1024 for t in ids)
+            and usage.get("prompt_tokens") == prompt_len and usage.get("completion_tokens") == max_tokens
+            and resp.get("finish_reason") == "length")

@@ -269,10 +269,10 @@ def cpp_driver(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("hif8_cpp")
     (d / "driver.cpp").write_text(_DRIVER)
     exe = d / "driver"
-    # -O3 -march=native: the flags the CPU kernel is built with, so the vectorized code is what runs.
+    # The CPU kernel's flags (backends/cpu.py), so that the vectorized code the kernel will get is what runs.
+    flags = ["-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     subprocess.run(
-        [cxx, "-std=c++17", "-O3", "-march=native", "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}"]
-        + [str(d / "driver.cpp"), "-o", str(exe)],
+        [cxx, *flags, "-Wall", "-Wextra", "-Werror", f"-I{ROOT / 'csrc'}", str(d / "driver.cpp"), "-o", str(exe)],
         check=True,
     )
     return exe

@@ -30,8 +30,7 @@ def _flag_check(obj) -> bool:
 
     owner = getattr(obj, "__self__", obj)
     return (getattr(obj, "__module__", None) == model_build.__name__
-            or getattr(owner, "_on_import", None).__class__.__name__ == "function"
-            and getattr(owner._on_import, "__module__", None) == model_build.__name__)
+            or getattr(getattr(owner, "install", None), "__module__", None) == model_build.__name__)
 
 
 def _messages(caplog) -> list[str]:
@@ -117,8 +116,12 @@ def test_a_failing_hook_never_breaks_start_up(boot, caplog, monkeypatch) -> None
     class Target:
         pass
 
+    from vllm_indexer_epilog.integrations.catalogue import PatchSite
+
+    site_of_marker = PatchSite("Target.marker", "-", "-", "-", "-")
+
     def explode(patcher):
-        patcher.set(Target, "marker", 1)
+        patcher.set(Target, "marker", 1, site_of_marker)
         raise RuntimeError("boom")
 
     bad = SimpleNamespace(NAME="bad", WRITTEN_AGAINST="-", VERSIONS=((0,), (99,)), TRIGGERS=("vllm_ascend.utils",),

@@ -21,19 +21,20 @@ class PatchSite:
     remove_when: str  # the upstream change that makes it unnecessary
 
 
-# Modules that declare PATCHES; imported lazily, none imports vLLM or vllm-ascend at module level.
-_DECLARING_MODULES = (
+# Modules that declare PATCHES; imported lazily, none imports vLLM or vllm-ascend at module level. Each passes
+# its entries to `Patcher.set` (patching.py), the only way an upstream attribute is replaced.
+DECLARING_MODULES = (
     "vllm_indexer_epilog.integrations.vllm_ascend.deepseek_v4_indexer",
     "vllm_indexer_epilog.integrations.vllm_ascend.sfa_li_c8",
-    "vllm_indexer_epilog.integrations.vllm_cpu",
+    "vllm_indexer_epilog.integrations.vllm_cpu_compat",
     "vllm_indexer_epilog.integrations.model_build",
-    "vllm_indexer_epilog.integrations.vllm_cpu.indexer_cache",
+    "vllm_indexer_epilog.integrations.dsv4_indexer_cpu.indexer_cache",
 )
 
 
 def all_patches() -> list[PatchSite]:
     sites: list[PatchSite] = []
-    for name in _DECLARING_MODULES:
+    for name in DECLARING_MODULES:
         sites.extend(getattr(importlib.import_module(name), "PATCHES", ()))
     return sites
 

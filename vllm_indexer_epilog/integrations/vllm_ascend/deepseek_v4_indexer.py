@@ -81,6 +81,9 @@ PATCHES: tuple[PatchSite, ...] = (
 )
 
 
+SPEC_SITE, SCATTER_SITE, SCATTER_PART1_SITE = PATCHES
+
+
 class _State:
     config: EpilogConfig | None = None
     """Set by the allocation hook in this process; the write and reader hooks follow it."""
@@ -188,9 +191,9 @@ def install(patcher: Patcher) -> str:
                slot_mapping)
         return kv, None  # no scale: vllm-ascend then skips its part 3 (the separate scale scatter)
 
-    patcher.set(cache_cls, "get_kv_cache_spec", get_kv_cache_spec)
-    patcher.set(op, "indexer_quant_scatter", staticmethod(indexer_quant_scatter))
-    patcher.set(op, "indexer_quant_scatter_part1", staticmethod(indexer_quant_scatter_part1))
-    patcher.set(state, "config", None)  # undo() also forgets what this process activated
+    patcher.set(cache_cls, "get_kv_cache_spec", get_kv_cache_spec, SPEC_SITE)
+    patcher.set(op, "indexer_quant_scatter", staticmethod(indexer_quant_scatter), SCATTER_SITE)
+    patcher.set(op, "indexer_quant_scatter_part1", staticmethod(indexer_quant_scatter_part1), SCATTER_PART1_SITE)
+    patcher.own(state, "config", None)  # undo() also forgets what this process activated
     return (f"hooked {cache_cls.__name__}.get_kv_cache_spec and {op.__name__}.indexer_quant_scatter[_part1]; "
             "active once a worker allocates the indexer cache")

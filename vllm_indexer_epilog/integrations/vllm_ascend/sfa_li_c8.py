@@ -74,6 +74,8 @@ PATCHES: tuple[PatchSite, ...] = (
     ),
 )
 
+INIT_SITE, PRE_PROCESS_SITE, TORCH_NPU_SITE = PATCHES
+
 
 class SiteDrift(RuntimeError):
     """The inline write no longer runs in the order this hook was written against."""
@@ -238,8 +240,8 @@ def install(patcher: Patcher) -> str:
             raise SiteDrift("indexer_select_pre_process no longer quantizes the key with torch_npu.npu_dynamic_quant")
         return out
 
-    patcher.set(impl, "__init__", __init__)
-    patcher.set(impl, "indexer_select_pre_process", indexer_select_pre_process)
-    patcher.set(sfa, "torch_npu", TorchNpuProxy(real))
+    patcher.set(impl, "__init__", __init__, INIT_SITE)
+    patcher.set(impl, "indexer_select_pre_process", indexer_select_pre_process, PRE_PROCESS_SITE)
+    patcher.set(sfa, "torch_npu", TorchNpuProxy(real), TORCH_NPU_SITE)
     return (f"hooked {impl.__name__}.__init__/indexer_select_pre_process and sfa_v1.torch_npu; "
             "active for LI-C8 layers on A5")

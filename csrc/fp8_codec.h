@@ -14,7 +14,7 @@ namespace vie {
 constexpr int kGroupSize = 128;
 constexpr uint8_t kNanCode = 0x7F;
 
-// Compile-time description of an fp8 format (mirrors vllm_indexer_epilog/spec.py).
+// Compile-time description of an fp8 format (mirrors vllm_indexer_epilog/op/spec.py).
 template <int MantissaBits, int Bias, uint8_t MaxCode, uint32_t FmaxBits, int Emax>
 struct Fp8Fmt {
   static constexpr int kMant = MantissaBits;

@@ -17,11 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from .. import envs
 from .reference import reference_indexer_compress_epilog
 from .schema import OP_NAME, QUALNAME, SCHEMA, defined_here, has_kernel, has_schema, mark_defined_here, schema
 from .spec import QUANT_MODE_STANDARD
-from .validation import check_slot_range, validate_epilog_args
+from .validation import validate_epilog_args
 
 logger = logging.getLogger(__name__)
 
@@ -86,25 +85,9 @@ def run_cpu(
         _promote_native_cpu_kernel()
         getattr(torch.ops, LIBRARY).quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
         return
-    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
-    check_slot_range(slot_mapping, p.slots, reject_duplicates=envs.strict())
-    if p.rows:
-        run_reference(cache, scale, x, last_row_wins(slot_mapping), quant_mode, round_scale)
-
-
-def last_row_wins(slot_mapping: torch.Tensor) -> torch.Tensor:
-    """slot_mapping with every row but the last one naming a slot set to -1 (what the compiled kernel
-    writes), so that a slot never mixes rows, whatever order an indexed write uses."""
-    flat = slot_mapping.reshape(-1)
-    valid = flat[flat >= 0]
-    uniq, inverse = torch.unique(valid, return_inverse=True)
-    if uniq.numel() == valid.numel():
-        return slot_mapping
-    rows = torch.arange(flat.numel(), device=flat.device)[flat >= 0]
-    last = torch.full_like(uniq, -1, dtype=torch.long).scatter_reduce_(0, inverse, rows, "amax")
-    out = flat.clone()
-    out[rows[last[inverse] != rows]] = -1
-    return out.view_as(slot_mapping)
+    # No compiled kernel on this machine: the reference validates, checks the slots (strict mode included)
+    # and writes each slot's last row, as the compiled kernel does.
+    run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
 
 
 def _promote_native_cpu_kernel() -> None:

@@ -12,6 +12,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.rows import compress_indexer_rows  # noqa: E402
 from vllm_indexer_epilog.integrations.config import EpilogConfig  # noqa: E402
 from vllm_indexer_epilog.integrations.dsv4_indexer_cpu import indexer_cache as ic  # noqa: E402
 from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.indexer_layout import (  # noqa: E402
@@ -285,7 +286,7 @@ def test_write_hook_matches_reference_and_vllm(hooked, name: str) -> None:  # no
     hooked.compressor.compress_norm_rope_store_indexer_cpu(*args, kv2d, BS, ratio)
     kv_vllm = pool(4)[1]
     ops_compressor.compress_norm_rope_store_indexer(*args, kv_vllm, BS, ratio)
-    comp = ops_compressor.compress_indexer_rows(*args[:4], *args[4:7], ratio)
+    comp = compress_indexer_rows(*args[:4], *args[4:7], ratio)
     slots = comp.kv_slots
     assert slots.numel() == int((args[3] >= 0).sum()) > 0
     codes, scale_bytes = read_rows(kv2d, BS, slots, layout)

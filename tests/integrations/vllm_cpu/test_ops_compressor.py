@@ -12,6 +12,7 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from compat_op_checks import real_op, scratch_library  # noqa: E402
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.rows import compress_indexer_rows  # noqa: E402
 from vllm_indexer_epilog.op.reference import ceil_log2  # noqa: E402
 from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_compressor as oc  # noqa: E402
 
@@ -238,7 +239,7 @@ def test_ceil_log2_exact() -> None:
 def test_compress_indexer_rows_is_the_stored_value() -> None:
     # The split API: rows returned by compress_indexer_rows dequantize back from what the op stored.
     state, gslots, pos, kv_slots, weight, cs, cache_buf, page, cbs, boundary = _case(True, 4, True, seed=5)
-    rows = oc.compress_indexer_rows(state, gslots, pos, kv_slots, weight, 1e-6, cs, 4)
+    rows = compress_indexer_rows(state, gslots, pos, kv_slots, weight, 1e-6, cs, 4)
     assert rows.rows.dtype == torch.bfloat16 and rows.rows.shape[1] == 128
     assert torch.equal(rows.token_idx, torch.nonzero(boundary & (kv_slots >= 0)).reshape(-1))
     kv = cache_buf[:, :page]

@@ -8,6 +8,7 @@ the one implementation of the math; it lives with the feature because the featur
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -126,24 +127,25 @@ def rope_gptj(x: torch.Tensor, cos_sin_cache: torch.Tensor, rope_pos: torch.Tens
     return torch.stack((out_even, out_odd), dim=-1).reshape(x.shape)
 
 
-def compress_indexer_rows(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    positions: torch.Tensor,
-    kv_slot_mapping: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    cos_sin_cache: torch.Tensor,
-    compress_ratio: int,
+def compress_rows(
+    state_cache: torch.Tensor, gather_slots: torch.Tensor, positions: torch.Tensor, kv_slot_mapping: torch.Tensor,
+    rms_norm_weight: torch.Tensor, rms_norm_eps: float, cos_sin_cache: torch.Tensor, compress_ratio: int, *,
+    head_dim: int,
 ) -> CompressedRows:
-    """head_dim 128: pooling + RMSNorm + RoPE on the last 64 dims at `(pos // ratio) * ratio`, then the
-    whole row rounded to bf16 (the value the kernel quantizes). Only written tokens are computed."""
+    """The rows vLLM's compressor stores, bf16 [N, head_dim]: pooling + RMSNorm, RoPE on the last 64 dims at
+    `(pos // ratio) * ratio` (rotated from the unrounded float32 values), then every value rounded to bf16 (what
+    the kernel quantizes: 448 NoPE + 64 RoPE for the main cache, 64 + 64 for the indexer). Only written tokens
+    are computed."""
     token_idx, kv_slots = written_tokens(positions, kv_slot_mapping, compress_ratio)
     normed = pool_rmsnorm(
-        state_cache, gather_slots[token_idx], rms_norm_weight, rms_norm_eps, DSV4_INDEXER_HEAD_DIM, compress_ratio
+        state_cache, gather_slots[token_idx], rms_norm_weight, rms_norm_eps, head_dim, compress_ratio
     )
-    nope = DSV4_INDEXER_HEAD_DIM - ROPE_DIM
+    nope = head_dim - ROPE_DIM
     rope_pos = (positions.reshape(-1)[token_idx] // compress_ratio) * compress_ratio
     rope = rope_gptj(normed[:, nope:], cos_sin_cache, rope_pos)
     rows = torch.cat((normed[:, :nope], rope), dim=1).to(torch.bfloat16)
     return CompressedRows(rows, token_idx, kv_slots)
+
+
+compress_indexer_rows = functools.partial(compress_rows, head_dim=DSV4_INDEXER_HEAD_DIM)
+"""The indexer's rows (head_dim 128), which the plugin's write quantizes with custom.indexer_compress_epilog."""

@@ -13,12 +13,12 @@ tests/integrations/vllm_ascend_real, and main of 2026-08-22):
 - write: `device/device_op.py` `DeviceOperator.indexer_quant_scatter` (serial) and
   `.indexer_quant_scatter_part1` (split-stream; its part 3 is skipped because part 1 returns no scale).
   Both are looked up on the class at call time, so replacing them before the first forward takes effect.
-  The compressor's rows go to `npu_backend.write_packed` (standard: vllm-ascend's own compiled
-  `_C_ascend.indexer_compress_epilog_v2`, else the reference on the two views) or, MX,
-  `npu_backend.write_packed_mx_as_float32` (through the registered `custom.indexer_compress_epilog` on
-  contiguous rows, then put into the pages), with vLLM's slot mapping as it comes. The packed pages do not
-  fit the registered op's contract (contiguous [N, d] cache and [N, G] scales), so standard mode is not
-  routed through `custom.indexer_compress_epilog`: what graph capture sees is v2, as without the plugin.
+  The compressor's rows go to backends/npu.py `write_packed` (standard: vllm-ascend's own compiled
+  `_C_ascend.indexer_compress_epilog_v2` where it fits, else the reference on the two views) or, MX,
+  `write_packed_mx_as_float32` (through the registered `custom.indexer_compress_epilog` on contiguous rows,
+  then put into the pages), with vLLM's slot mapping as it comes. Standard mode calls `write_packed` directly
+  rather than through the registered op (which takes packed pages too, docs/SPEC.md): what graph capture
+  sees is v2, as without the plugin.
 - reader: the lightning indexer reads float32 key scales through `prepare_dsa_indexer_key_scale`,
   unpatched: both modes leave float32 there.
 - `warmup_indexer_quant_scatter` (v2 on a throwaway 1-row buffer) has no caller in any release and writes
@@ -38,7 +38,7 @@ import torch
 from ..config import EpilogConfig, EpilogConfigError, epilog_config_from_vllm
 from ...op.geometry import scales_after_values
 from ...backends.npu import write_packed, write_packed_mx_as_float32
-from ...op.spec import QUANT_MODE_MX, num_groups
+from ...op.spec import DSV4_INDEXER_HEAD_DIM, QUANT_MODE_MX, num_groups
 from ..patching import Patcher, SiteMissing, import_site, log_once, refuse, require
 from ..catalogue import PatchSite
 
@@ -49,7 +49,7 @@ CACHE_MODULES = ("vllm_ascend.models.deepseek_v4.indexer", "vllm_ascend.models.d
 TRIGGERS = CACHE_MODULES
 VERSIONS = ((0, 23), (0, 31))  # every release in it runs in tests/integrations/vllm_ascend_real
 SITE = "vllm-ascend's DeepSeek-V4 indexer cache"
-INDEXER_HEAD_DIM = 128  # the only indexer cache with FP8 rows and a scale column (scale_dim=1)
+INDEXER_HEAD_DIM = DSV4_INDEXER_HEAD_DIM  # the only indexer cache with FP8 rows and a scale column (scale_dim=1)
 
 _VERSIONS_TEXT = "vllm-ascend 0.23.0 up to (not incl.) {}.{}, and main of 2026-08-22".format(*VERSIONS[1])
 _REMOVE_WHEN = ("vllm-ascend writes the DeepSeek-V4 indexer cache through custom.indexer_compress_epilog "

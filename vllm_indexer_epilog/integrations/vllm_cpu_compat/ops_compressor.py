@@ -22,7 +22,10 @@ from ...op.spec import DSV4_INDEXER_HEAD_DIM as INDEXER_HEAD_DIM
 from ...op.spec import E4M3_FMAX as FP8_MAX
 from ..dsv4_indexer_cpu.indexer_layout import VLLM_LAYOUT
 from ..dsv4_indexer_cpu.rows import ROPE_DIM, CompressedRows, compress_rows
-from .compat_ops import CompatOp, no_output_fake
+from .compat_ops import CompatOp, compat_op
+
+OPS: list[CompatOp] = []
+"""The ops this module supplies, in definition order (`compat_op` adds each)."""
 
 # The 512 path floors each tile's scale; the indexer path floors the amax instead (see the C++).
 TILE_SCALE_FLOOR = 1e-4
@@ -53,6 +56,10 @@ def _bytes_of(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- save_partial_states_cpu
 
 
+@compat_op(
+    OPS, "save_partial_states_cpu",
+    "(Tensor kv, Tensor score, Tensor ape, Tensor positions, Tensor(a!) state_cache, Tensor slot_mapping) -> ()",
+)
 def save_partial_states(
     kv: torch.Tensor,
     score: torch.Tensor,
@@ -181,27 +188,5 @@ _COMPRESS_SCHEMA = (
     "int kv_cache_block_size, int compress_ratio) -> ()"
 )
 
-OPS: list[CompatOp] = [
-    CompatOp(
-        name="save_partial_states_cpu",
-        schema="(Tensor kv, Tensor score, Tensor ape, Tensor positions, Tensor(a!) state_cache, "
-        "Tensor slot_mapping) -> ()",
-        impl=save_partial_states,
-        fake=no_output_fake,
-        caller=("vllm._custom_ops", "save_partial_states_cpu"),
-    ),
-    CompatOp(
-        name="compress_norm_rope_store_cpu",
-        schema=_COMPRESS_SCHEMA,
-        impl=compress_norm_rope_store,
-        fake=no_output_fake,
-        caller=("vllm._custom_ops", "compress_norm_rope_store_cpu"),
-    ),
-    CompatOp(
-        name="compress_norm_rope_store_indexer_cpu",
-        schema=_COMPRESS_SCHEMA,
-        impl=compress_norm_rope_store_indexer,
-        fake=no_output_fake,
-        caller=("vllm._custom_ops", "compress_norm_rope_store_indexer_cpu"),
-    ),
-]
+compat_op(OPS, "compress_norm_rope_store_cpu", _COMPRESS_SCHEMA)(compress_norm_rope_store)
+compat_op(OPS, "compress_norm_rope_store_indexer_cpu", _COMPRESS_SCHEMA)(compress_norm_rope_store_indexer)

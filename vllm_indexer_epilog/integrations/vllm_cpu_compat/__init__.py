@@ -229,27 +229,18 @@ def install_ops(patcher: Patcher, ops: Iterable[Any], lines: list[str]) -> list[
 
 # ---------------------------------------------------------------------------------- attribute patches
 def _install_metadata(patcher: Patcher, module: Any) -> list[str]:
-    from .metadata import FUNCTION_SITES, SITES, GridLaunch
+    from .metadata import FUNCTION_SITES, SITES
 
     done = []
-    for fsite in FUNCTION_SITES:
-        if fsite.module != module.__name__:
-            continue
-        original = getattr(module, fsite.attr, None)
-        if original is None:
-            done.append(f"vllm_cpu: {fsite.module}.{fsite.attr} not found; its Triton launch is kept")
-            continue
-        patcher.set(module, fsite.attr, GridLaunch(fsite.impl, original), _SITES[f"{fsite.module}.{fsite.attr}"])
-        done.append(f"vllm_cpu: {fsite.attr} launches computed in torch")
-    for site in SITES:
+    for site in (*FUNCTION_SITES, *SITES):
         if site.module != module.__name__:
             continue
-        owner = getattr(module, site.owner, None)
-        if owner is None:
-            done.append(f"vllm_cpu: {site.module}.{site.owner} not found; its Triton launch is kept")
+        found = site.replacement(module)
+        if found is None:
+            done.append(f"vllm_cpu: {site.module}.{site.attr} not found; its Triton launch is kept")
             continue
-        patcher.set(owner, "__call__", site.impl, _SITES[f"{site.module}.{site.owner}.__call__"])
-        done.append(f"vllm_cpu: {site.owner} launches computed in torch")
+        patcher.set(*found, _SITES[site.target])
+        done.append(f"vllm_cpu: {site.attr} launches computed in torch")
     return done
 
 

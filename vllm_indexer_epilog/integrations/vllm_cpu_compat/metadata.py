@@ -304,6 +304,15 @@ class FunctionSite:
     attr: str  # module attribute holding the @triton.jit function
     impl: Callable[..., None]
 
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.attr}"
+
+    def replacement(self, module: Any) -> tuple[Any, str, Any] | None:
+        """(owner, attribute, value) to set in `module`, or None where the function is gone."""
+        original = getattr(module, self.attr, None)
+        return None if original is None else (module, self.attr, GridLaunch(self.impl, original))
+
 
 FUNCTION_SITES: tuple[FunctionSite, ...] = (
     FunctionSite("vllm.v1.attention.ops.metadata", "_token_request_mapping_kernel", token_request_mapping),
@@ -315,6 +324,19 @@ class KernelSite:
     module: str  # where the owner class lives
     owner: str  # the VllmTritonJitKernel subclass whose __call__ is replaced
     impl: Callable[..., None]
+
+    @property
+    def attr(self) -> str:
+        return self.owner
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.owner}.__call__"
+
+    def replacement(self, module: Any) -> tuple[Any, str, Any] | None:
+        """(owner, attribute, value) to set in `module`, or None where the class is gone."""
+        owner = getattr(module, self.owner, None)
+        return None if owner is None else (owner, "__call__", self.impl)
 
 
 SITES: tuple[KernelSite, ...] = (

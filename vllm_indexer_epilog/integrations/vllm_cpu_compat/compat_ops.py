@@ -14,6 +14,11 @@ import torch
 
 NAMESPACE = "_C"
 
+# vLLM's FP8 kernels floor what their power-of-two scales are derived from: the 64-wide tiles of the main
+# (fp8_ds_mla) cache floor the scale, the indexer's rows and queries floor the amax (see the C++).
+TILE_SCALE_FLOOR = 1e-4
+INDEXER_AMAX_FLOOR = 1e-4
+
 
 @dataclass(frozen=True)
 class CompatOp:

@@ -21,7 +21,7 @@ from ..dsv4_indexer_cpu.indexer_layout import VLLM_LAYOUT, paged_mqa_logits
 from ..dsv4_indexer_cpu.rows import fma
 from ..dsv4_indexer_cpu.scoring import GATHER_ROWS as _GATHER_ROWS
 from ..dsv4_indexer_cpu.scoring import fp8_to_float32, row_view
-from .compat_ops import CompatOp, compat_op
+from .compat_ops import INDEXER_AMAX_FLOOR, TILE_SCALE_FLOOR, CompatOp, compat_op
 
 OPS: list[CompatOp] = []
 """The ops this module supplies, in definition order (`compat_op` adds each)."""
@@ -212,7 +212,7 @@ def fused_qnorm_rope_kv_insert_cpu(
         # bf16 round-trip of the NoPE part too (identity for bf16 input, a real rounding for fp16).
         tiles = kvf[:, :nope].to(torch.bfloat16).float().view(-1, nope // _MLA_TILE, _MLA_TILE)
         amax = tiles.abs().amax(-1)
-        exp = ceil_log2(torch.clamp_min(amax / _FP8_MAX, 1e-4))
+        exp = ceil_log2(torch.clamp_min(amax / _FP8_MAX, TILE_SCALE_FLOOR))
         scaled = torch.clamp(tiles * pow2(-exp).unsqueeze(-1), -_FP8_MAX, _FP8_MAX)
         rows = torch.cat([_fp8_bytes_ftz(scaled).view(-1, nope), rope.view(torch.uint8)], dim=1)
         scale_bytes = torch.zeros((keep.numel(), nope // _MLA_TILE + 1), dtype=torch.uint8, device=q.device)
@@ -359,7 +359,7 @@ def fused_indexer_q_rope_quant_cpu(
     # indexer.cpp: fmadd(x, cos, swap(x) * ±sin), sin negated on the even lane; then a bf16 round-trip.
     rope = torch.stack((fma(x_e, cos, x_o * -sin), fma(x_o, cos, x_e * sin)), dim=-1).flatten(-2)
     buf = torch.cat([x[..., :nope], rope.to(torch.bfloat16).float()], dim=-1)
-    amax = torch.clamp_min(buf.abs().amax(-1), 1e-4)
+    amax = torch.clamp_min(buf.abs().amax(-1), INDEXER_AMAX_FLOOR)
     exp = ceil_log2(amax / _FP8_MAX)
     q_scale = pow2(exp)
     scaled = torch.clamp(buf * pow2(-exp).unsqueeze(-1), -_FP8_MAX, _FP8_MAX)

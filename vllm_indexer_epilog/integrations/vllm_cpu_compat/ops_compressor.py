@@ -22,14 +22,11 @@ from ...op.spec import DSV4_INDEXER_HEAD_DIM as INDEXER_HEAD_DIM
 from ...op.spec import E4M3_FMAX as FP8_MAX
 from ..dsv4_indexer_cpu.indexer_layout import VLLM_LAYOUT
 from ..dsv4_indexer_cpu.rows import ROPE_DIM, CompressedRows, compress_rows
-from .compat_ops import CompatOp, compat_op
+from .compat_ops import INDEXER_AMAX_FLOOR, TILE_SCALE_FLOOR, CompatOp, compat_op
 
 OPS: list[CompatOp] = []
 """The ops this module supplies, in definition order (`compat_op` adds each)."""
 
-# The 512 path floors each tile's scale; the indexer path floors the amax instead (see the C++).
-TILE_SCALE_FLOOR = 1e-4
-INDEXER_AMAX_FLOOR = 1e-4
 
 MAIN_HEAD_DIM = 512
 MAIN_NOPE_DIM = 448

@@ -183,9 +183,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     """Calls `on_import(self, module)` right after one of `names` has been executed for the first time.
 
     It finds nothing itself: it asks the finders after it and wraps the loader they return, so the module
-    loads exactly as it would have. vllm-ascend keeps its model and attention modules unimported until it
-    needs them (after its own patches); hooking at that moment, rather than importing them at plugin load,
-    changes nothing about when or how they are imported.
+    loads exactly as it would have. vLLM and vllm-ascend keep their model and attention modules unimported
+    until they need them (vllm-ascend after its own patches); hooking at that moment, rather than importing
+    them at plugin load, changes nothing about when or how they are imported.
     """
 
     def __init__(self, names: list[str], on_import: Callable[["_AfterImport", ModuleType], None],
@@ -318,6 +318,6 @@ def install_hook(hook: Hook, patcher: Patcher) -> tuple[int, str]:
         return True
 
     waiting = install_when_imported(patcher, hook.TRIGGERS, install)
-    if not waiting or done:
-        return done[0] if done else (logging.INFO, f"{hook.NAME}: nothing to hook")
+    if done:
+        return done[0]
     return logging.INFO, f"{hook.NAME}: will hook when vllm-ascend imports {' or '.join(waiting)}"

@@ -35,14 +35,14 @@ BINDERS = (
 )
 
 INITIALIZE_MODEL = PatchSite(
-        target="vllm.model_executor.model_loader.utils.initialize_model",
-        why="nothing in vLLM reads the `indexer_epilog` key, so a bad value (unknown mode or field, wrong type, not "
-            "an object, sources disagreeing) was silently ignored; the wrapper validates it before every model "
-            "build (any platform), then logs which site serves it, or warns once that none does",
-        how="module attribute wrapped when vLLM first imports model_loader.utils (loaders then bind the wrapper); "
-            "if already imported, the loaders' bindings are rebound too",
-        versions="vLLM 0.32.x (any platform; not version-guarded: the wrapper passes every argument through)",
-        remove_when="vLLM validates plugin keys of --additional-config / hf_config itself",
+    target="vllm.model_executor.model_loader.utils.initialize_model",
+    why="nothing in vLLM reads the `indexer_epilog` key, so a bad value (unknown mode or field, wrong type, not "
+        "an object, sources disagreeing) was silently ignored; the wrapper validates it before every model "
+        "build (any platform), then logs which site serves it, or warns once that none does",
+    how="module attribute wrapped when vLLM first imports model_loader.utils (loaders then bind the wrapper); "
+        "if already imported, the loaders' bindings are rebound too",
+    versions="vLLM 0.32.x (any platform; not version-guarded: the wrapper passes every argument through)",
+    remove_when="vLLM validates plugin keys of --additional-config / hf_config itself",
 )
 PATCHES: tuple[PatchSite, ...] = (INITIALIZE_MODEL,)
 

@@ -57,18 +57,17 @@ def _install_vllm_cpu(patcher: Patcher) -> None:
     """The compat layer and the indexer-cache feature, each all or nothing: an exception of ours rolls back
     that one alone (the model still runs without the other) and is one warning. A part this installation
     does not ship (the compat layer, once vllm-cpu has the ops) is skipped."""
-    if not _on_vllm_cpu_platform():
-        return
     for name, disabled in _VLLM_CPU_PARTS:
         try:
             with patcher.transaction():
+                if not _on_vllm_cpu_platform():
+                    return
                 module = importlib.import_module(f"{__package__}.{name}")
                 for line in module.install(patcher):
                     log_once(line)
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__package__}.{name.split('.')[0]}":
-                logger.warning("vllm_indexer_epilog: " + disabled.format(f"{type(exc).__name__}: {exc}"))
         except Exception as exc:  # start-up must survive anything of ours
+            if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}.{name.split('.')[0]}":
+                continue  # not shipped
             logger.warning("vllm_indexer_epilog: " + disabled.format(f"{type(exc).__name__}: {exc}"))
 
 

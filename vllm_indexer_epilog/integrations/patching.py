@@ -29,10 +29,10 @@ from .config import CONFIG_KEY, EpilogConfig, EpilogConfigError
 if TYPE_CHECKING:
     from .catalogue import PatchSite
 
-logger = logging.getLogger("vllm_indexer_epilog.integrations")
+from ..log_once import _logged  # noqa: F401  (the one set; tests clear it through this module too)
+from ..log_once import log_once as _log_once
 
-PREFIX = "vllm_indexer_epilog: "
-_logged: set[str] = set()
+logger = logging.getLogger("vllm_indexer_epilog.integrations")
 
 
 class SiteMissing(Exception):
@@ -48,12 +48,9 @@ class Hook(Protocol):
     def install(self, patcher: "Patcher") -> str: ...
 
 
-def log_once(message: str, level: int = logging.INFO, *, prefix: str = PREFIX) -> None:
-    """Log `message` the first time this process sees it (start-up runs in every process, some hooks per
-    layer). `prefix=""` for lines that name the plugin themselves ("indexer_epilog: ...")."""
-    if message not in _logged:
-        _logged.add(message)
-        logger.log(level, "%s%s", prefix, message)
+def log_once(message: str, level: int = logging.INFO, **kwargs: str) -> None:
+    """The package's log-once (log_once.py), on the integrations' logger."""
+    _log_once(message, level, logger=logger, **kwargs)
 
 
 def release(version: str) -> tuple[int, ...]:

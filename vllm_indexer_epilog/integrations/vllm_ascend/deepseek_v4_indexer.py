@@ -30,6 +30,7 @@ A2/A3 keep this cache as int8 keys with float16 scales and have no FP8 reader: r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -54,29 +55,24 @@ INDEXER_HEAD_DIM = DSV4_INDEXER_HEAD_DIM  # the only indexer cache with FP8 rows
 _VERSIONS_TEXT = "vllm-ascend 0.23.0 up to (not incl.) {}.{}, and main of 2026-08-22".format(*VERSIONS[1])
 _REMOVE_WHEN = ("vllm-ascend writes the DeepSeek-V4 indexer cache through custom.indexer_compress_epilog "
                 "itself (or an op of the same contract) for the modes this flag selects")
+_site = functools.partial(PatchSite, versions=_VERSIONS_TEXT, remove_when=_REMOVE_WHEN)  # one release range, one fix
 PATCHES: tuple[PatchSite, ...] = (
-    PatchSite(
+    _site(
         target="vllm_ascend.models.deepseek_v4[.indexer].AscendDeepseekV4IndexerCache.get_kv_cache_spec",
         why="reads the indexer_epilog flag in every worker before the first forward and sets the cache's "
             "FP8 dtype from it; without it the flag is never seen and the cache keeps vllm-ascend's dtypes",
         how="class attribute replaced (Patcher.set); calls the original, then dataclasses.replace on its spec",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.device.device_op.DeviceOperator.indexer_quant_scatter",
         why="vllm-ascend quantizes and scatters the indexer keys itself (standard mode only); the patch "
             "writes them with this package's op in the configured mode",
         how="staticmethod replaced on the class (looked up at call time); inactive layers call the original",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.device.device_op.DeviceOperator.indexer_quant_scatter_part1",
         why="the split-stream variant of the same write; returning no scale makes vllm-ascend skip its part 3",
         how="staticmethod replaced on the class; inactive layers call the original",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
 )
 

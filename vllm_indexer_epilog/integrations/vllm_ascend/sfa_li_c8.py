@@ -23,6 +23,7 @@ path (not run for real against this hook: see README "Ascend").
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -49,29 +50,24 @@ LI_C8_MARKER = "self.enable_sparse_li_c8 ="
 _VERSIONS_TEXT = "vllm-ascend 0.23.0 up to (not incl.) {}.{} where LI-C8 exists, and main of 2026-08-22".format(*VERSIONS[1])
 _REMOVE_WHEN = ("AscendSFAImpl writes the LI-C8 key and scale with one fused op of this contract instead of "
                 "npu_dynamic_quant plus two npu_scatter_nd_update_ calls")
+_site = functools.partial(PatchSite, versions=_VERSIONS_TEXT, remove_when=_REMOVE_WHEN)  # one release range, one fix
 PATCHES: tuple[PatchSite, ...] = (
-    PatchSite(
+    _site(
         target="vllm_ascend.attention.sfa_v1.AscendSFAImpl.__init__",
         why="decides per layer (LI-C8, A5, standard e4m3fn, no reshape optimisation, no context parallel) "
             "whether the fused write applies, from the vLLM config only __init__ has",
         how="method replaced on the class; calls the original first, then records the layer's config",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.attention.sfa_v1.AscendSFAImpl.indexer_select_pre_process",
         why="marks the one key quantization of an activated layer so the proxy below can hold it back",
         how="method replaced on the class; inactive layers call the original unchanged",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.attention.sfa_v1.torch_npu",
         why="the quantize-then-two-scatters write is inline code with no method to replace; for an activated "
             "layer the three calls become one custom.indexer_compress_epilog",
         how="module global replaced by a proxy that forwards every other attribute to the real torch_npu",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
 )
 

@@ -178,7 +178,7 @@ def test_recorder_survives_junk_debug_variables(monkeypatch, tmp_path: Path, war
     """What the vllm-cpu layer builds at install: no exception, each feature on or off, the write path intact."""
     import torch
 
-    from vllm_indexer_epilog.integrations.vllm_cpu import indexer_debug
+    from vllm_indexer_epilog.integrations.dsv4_indexer_cpu import indexer_debug
 
     f = tmp_path / "file"
     f.write_text("")

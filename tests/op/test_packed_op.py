@@ -313,14 +313,19 @@ def test_torch_compile_traces_packed_pair(backend) -> None:
     assert torch.equal(raw, want)
 
 
-def test_vllm_cpu_probe_uses_the_op() -> None:
-    from vllm_indexer_epilog.integrations.vllm_cpu import indexer_layout as lay
+def test_vllm_cpu_page_views_are_written_by_the_op() -> None:
+    """The vLLM CPU indexer cache writes its pages' two strided views through the op (no fallback): the op
+    writes them exactly as the reference does (what the removed `op_writes_packed_views` probe checked)."""
+    from vllm_indexer_epilog.integrations.dsv4_indexer_cpu import indexer_layout as lay
 
-    lay.op_writes_packed_views.cache_clear()
-    try:
-        assert lay.op_writes_packed_views() is True
-    finally:
-        lay.op_writes_packed_views.cache_clear()
+    layout = lay.IndexerLayout(torch.float8_e4m3fn, 0)
+    bufs = [torch.zeros(3, 4 * layout.row_bytes + 40, dtype=torch.uint8) for _ in range(2)]
+    x = torch.linspace(-3.0, 5.0, 2 * lay.HEAD_DIM).view(2, lay.HEAD_DIM).to(torch.bfloat16)
+    slots = torch.tensor([9, -1], dtype=torch.int64)
+    assert lay.write_rows(*lay.page_views(bufs[0], 4, layout), x, slots, layout) == "custom.indexer_compress_epilog"
+    reference_indexer_compress_epilog(*lay.page_views(bufs[1], 4, layout), x, slots, quant_mode=0, round_scale=True,
+                                      packed=True)
+    assert torch.equal(bufs[0], bufs[1])
 
 
 def test_nothing_outside_views_with_every_slot_written() -> None:

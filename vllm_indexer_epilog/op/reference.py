@@ -92,19 +92,24 @@ def standard_scale(amax: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     return f64_to_f32_bits(f32_to_f64(amax) / fmt.fmax)
 
 
-def mx_exponent(amax: torch.Tensor, fmt: Fp8Format, round_scale: bool) -> torch.Tensor:
-    """Integer e of the MX scale S = 2^e (int32), read from float32 bits so it is exact."""
-    floored = torch.clamp(amax.view(torch.int32), min=_FLOOR_BITS).view(torch.float32)
-    if round_scale:
-        ratio = (floored / fmt.fmax).view(torch.int32)  # normal: >= 1e-4 / 57344
-        # ceil(log2): the binade's exponent, plus one unless the ratio is an exact power of two.
-        return ((ratio >> 23) & 0xFF) - 127 + ((ratio & 0x7FFFFF) != 0).to(torch.int32)
-    return ((floored.view(torch.int32) >> 23) & 0xFF) - 127 - fmt.emax
+def ceil_log2(x: torch.Tensor) -> torch.Tensor:
+    """Exact ceil(log2(x)) (int32) of positive normal float32 values, from the bits (no float log2 rounding):
+    the binade's exponent, plus one unless x is an exact power of two."""
+    bits = x.contiguous().view(torch.int32)
+    return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(torch.int32)
 
 
 def pow2(e: torch.Tensor) -> torch.Tensor:
     """2^e as float32 for integer e in [-126, 127], built from its bits."""
     return ((e + 127) << 23).to(torch.int32).view(torch.float32)
+
+
+def mx_exponent(amax: torch.Tensor, fmt: Fp8Format, round_scale: bool) -> torch.Tensor:
+    """Integer e of the MX scale S = 2^e (int32), read from float32 bits so it is exact."""
+    floored = torch.clamp(amax.view(torch.int32), min=_FLOOR_BITS).view(torch.float32)
+    if round_scale:
+        return ceil_log2(floored / fmt.fmax)  # the ratio is normal: >= 1e-4 / 57344
+    return ((floored.view(torch.int32) >> 23) & 0xFF) - 127 - fmt.emax
 
 
 def quantize_rows(

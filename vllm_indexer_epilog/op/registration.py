@@ -17,11 +17,10 @@ from typing import Any, Callable
 
 import torch
 
-from .. import envs
 from .reference import reference_indexer_compress_epilog
 from .schema import OP_NAME, QUALNAME, SCHEMA, defined_here, has_kernel, has_schema, mark_defined_here, schema
 from .spec import QUANT_MODE_STANDARD
-from .validation import check_slot_range, validate_epilog_args
+from .validation import validate_epilog_args
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +43,8 @@ def _let_ascend_define_first() -> None:
                        ASCEND_CUSTOM_OPS_MODULE, type(exc).__name__, exc)
 
 
-Run = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, bool], None]
+Run = Callable[..., None]
+"""A kernel body, called as the op is: `run(cache, scale, x, slot_mapping, quant_mode=..., round_scale=...)`."""
 
 
 def as_kernel(run: Run) -> Callable[..., None]:
@@ -63,21 +63,15 @@ def as_kernel(run: Run) -> Callable[..., None]:
         for key, value in extra.items():
             if not (key == "scale" and value == 1.0):
                 raise ValueError(f"{key}={value!r} is not supported by the vllm_indexer_epilog kernels")
-        run(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
+        run(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode=quant_mode,
+            round_scale=round_scale)
 
     kernel.__name__ = kernel.__qualname__ = run.__name__
     return kernel
 
 
-def run_reference(
-    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
-) -> None:
-    reference_indexer_compress_epilog(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
-
-
-def run_cpu(
-    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
-) -> None:
+def run_cpu(cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
+            quant_mode: int, round_scale: bool) -> None:
     """CPU calls that reach Python: before the compiled kernel is registered (first use on this machine),
     or when it cannot be built. The compiled entry point runs every check itself."""
     from ..backends.cpu import LIBRARY, load_cpu_kernel
@@ -86,25 +80,9 @@ def run_cpu(
         _promote_native_cpu_kernel()
         getattr(torch.ops, LIBRARY).quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
         return
-    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
-    check_slot_range(slot_mapping, p.slots, reject_duplicates=envs.strict())
-    if p.rows:
-        run_reference(cache, scale, x, last_row_wins(slot_mapping), quant_mode, round_scale)
-
-
-def last_row_wins(slot_mapping: torch.Tensor) -> torch.Tensor:
-    """slot_mapping with every row but the last one naming a slot set to -1 (what the compiled kernel
-    writes), so that a slot never mixes rows, whatever order an indexed write uses."""
-    flat = slot_mapping.reshape(-1)
-    valid = flat[flat >= 0]
-    uniq, inverse = torch.unique(valid, return_inverse=True)
-    if uniq.numel() == valid.numel():
-        return slot_mapping
-    rows = torch.arange(flat.numel(), device=flat.device)[flat >= 0]
-    last = torch.full_like(uniq, -1, dtype=torch.long).scatter_reduce_(0, inverse, rows, "amax")
-    out = flat.clone()
-    out[rows[last[inverse] != rows]] = -1
-    return out.view_as(slot_mapping)
+    # No compiled kernel on this machine: the reference validates, checks the slots (strict mode included)
+    # and writes each slot's last row, as the compiled kernel does.
+    reference_indexer_compress_epilog(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
 
 
 def _promote_native_cpu_kernel() -> None:
@@ -119,15 +97,12 @@ def _promote_native_cpu_kernel() -> None:
         register_native_kernel()
 
 
-def run_default(
-    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
-) -> None:
+def run_default(cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
+                **options: Any) -> None:
     """CompositeExplicitAutograd: any device without its own kernel gets the reference; CPU gets here only
     until the compiled kernel is registered (run_cpu builds and registers it on the first call)."""
-    if x.device.type == "cpu":
-        run_cpu(cache, scale, x, slot_mapping, quant_mode, round_scale)
-    else:
-        run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    run = run_cpu if x.device.type == "cpu" else reference_indexer_compress_epilog
+    run(cache, scale, x, slot_mapping, **options)
 
 
 @functools.cache
@@ -140,27 +115,20 @@ def _triton_launcher() -> Callable[..., None] | None:
     return triton_indexer_compress_epilog
 
 
-def run_cuda(
-    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
-) -> None:
-    launch = _triton_launcher()
-    if launch is None:
-        run_reference(cache, scale, x, slot_mapping, quant_mode, round_scale)
-    else:
-        launch(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+def run_cuda(*args: Any, **options: Any) -> None:
+    """The Triton kernel, or the reference where Triton is unavailable."""
+    (_triton_launcher() or reference_indexer_compress_epilog)(*args, **options)
 
 
-def run_npu(
-    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
-) -> None:
+def run_npu(*args: Any, **options: Any) -> None:
+    """backends/npu.py, imported on the first NPU call: it maps the call onto whichever Ascend kernel is there."""
     from ..backends.npu import write_split
 
-    write_split(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+    write_split(*args, **options)
 
 
-def run_fake(
-    cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, quant_mode: int, round_scale: bool
-) -> None:
+def run_fake(cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
+             quant_mode: int, round_scale: bool) -> None:
     # Metadata checks need no values, so tracing reports bad calls as eagerly as running them would.
     validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
 

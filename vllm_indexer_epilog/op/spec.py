@@ -23,6 +23,9 @@ SCALE_DTYPE_BY_MODE: dict[int, torch.dtype] = {
     QUANT_MODE_STANDARD: torch.float32,
 }
 
+DSV4_INDEXER_HEAD_DIM = GROUP_SIZE
+"""DeepSeek-V4's index_head_dim: its FP8 indexer cache rows are one group with one scale, on every platform."""
+
 X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 SLOT_DTYPES = (torch.int32, torch.int64)
 
@@ -48,6 +51,10 @@ FP8_FORMATS: dict[torch.dtype, Fp8Format] = {
     torch.float8_e4m3fn: Fp8Format(torch.float8_e4m3fn, 3, 7, 0x7E, 448.0, 8),
     torch.float8_e5m2: Fp8Format(torch.float8_e5m2, 2, 15, 0x7B, 57344.0, 15),
 }
+
+
+E4M3_FMAX = FP8_FORMATS[torch.float8_e4m3fn].fmax
+"""448: the largest finite e4m3fn value, the divisor of every e4m3fn scale (vLLM's kernels use it too)."""
 
 
 def num_groups(d: int) -> int:

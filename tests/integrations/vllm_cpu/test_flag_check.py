@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from vllm_indexer_epilog.integrations import model_build  # noqa: E402
+from vllm_indexer_epilog.integrations import model_build, patching  # noqa: E402
 from vllm_indexer_epilog.integrations.config import EpilogConfig, EpilogConfigError  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[3] / "configs" / "dsv4-tiny"
@@ -50,7 +50,7 @@ def test_bad_flag_fails_before_the_build(case: str) -> None:
 
 
 def test_unserved_flag_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    model_build._warned.clear()
+    patching._logged.clear()
     cfg = vllm_config({"indexer_epilog": {"quant_mode": "mx"}})
     wrapped = model_build._wrap(lambda vllm_config, prefix="": object())
     with caplog.at_level(logging.INFO, logger="vllm_indexer_epilog"):
@@ -61,7 +61,7 @@ def test_unserved_flag_warns_once(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_served_model_logs_its_mode_line_once(caplog: pytest.LogCaptureFixture) -> None:
-    model_build._warned.clear()
+    patching._logged.clear()
     seen: list[EpilogConfig] = []
     remove = model_build.add_site(lambda model, config: (seen.append(config), "test site")[1])
     try:

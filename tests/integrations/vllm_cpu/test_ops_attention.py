@@ -16,7 +16,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from vllm_indexer_epilog.integrations.vllm_cpu import ops_attention as oa  # noqa: E402
+from compat_op_checks import scratch_library  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_attention as oa  # noqa: E402
+from vllm_indexer_epilog.op.reference import ceil_log2, pow2  # noqa: E402
 
 _CONFIG = json.loads((Path(__file__).parents[3] / "configs" / "dsv4-tiny" / "config.json").read_text())
 N_HEADS = _CONFIG["num_attention_heads"]
@@ -148,9 +150,9 @@ def test_fp8_ftz_matches_cpp_vector_converter():
 def test_pow2_ceil_log2_exact():
     x = torch.tensor([1e-4, 2.0**-13, 2.0**-13 * (1 + 2**-23), 0.75, 1.0, 3.0, 448.0, 2.0**100], dtype=torch.float32)
     want = [math.ceil(math.log2(v)) for v in x.double().tolist()]  # exact in float64 for these
-    assert oa._ceil_log2(x).tolist() == want
+    assert ceil_log2(x).tolist() == want
     e = torch.arange(-126, 128, dtype=torch.int32)
-    assert torch.equal(oa._pow2(e), torch.exp2(e.double()).float())
+    assert torch.equal(pow2(e), torch.exp2(e.double()).float())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -587,12 +589,9 @@ def test_ops_list_and_schemas_define_on_scratch_namespace():
     ]
     import vllm._custom_ops as custom_ops
 
-    lib = torch.library.Library("vie_test_attn", "FRAGMENT")
+    lib = scratch_library(oa.OPS, "vie_test_attn")
     try:
         for op in oa.OPS:
-            lib.define(op.name + op.schema)
-            lib.impl(op.name, op.impl, "CPU")
-            torch.library.register_fake(f"vie_test_attn::{op.name}", op.fake, lib=lib)
             if op.caller is not None:
                 assert op.caller[0] == "vllm._custom_ops" and hasattr(custom_ops, op.caller[1])
         for op in oa.OPS:

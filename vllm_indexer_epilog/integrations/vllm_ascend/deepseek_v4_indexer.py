@@ -13,12 +13,12 @@ tests/integrations/vllm_ascend_real, and main of 2026-08-22):
 - write: `device/device_op.py` `DeviceOperator.indexer_quant_scatter` (serial) and
   `.indexer_quant_scatter_part1` (split-stream; its part 3 is skipped because part 1 returns no scale).
   Both are looked up on the class at call time, so replacing them before the first forward takes effect.
-  The compressor's rows go to `npu_backend.write_packed` (standard: vllm-ascend's own compiled
-  `_C_ascend.indexer_compress_epilog_v2`, else the reference on the two views) or, MX,
-  `npu_backend.write_packed_mx_as_float32` (through the registered `custom.indexer_compress_epilog` on
-  contiguous rows, then put into the pages), with vLLM's slot mapping as it comes. The packed pages do not
-  fit the registered op's contract (contiguous [N, d] cache and [N, G] scales), so standard mode is not
-  routed through `custom.indexer_compress_epilog`: what graph capture sees is v2, as without the plugin.
+  The compressor's rows go to backends/npu.py `write_packed` (standard: vllm-ascend's own compiled
+  `_C_ascend.indexer_compress_epilog_v2` where it fits, else the reference on the two views) or, MX,
+  `write_packed_mx_as_float32` (through the registered `custom.indexer_compress_epilog` on contiguous rows,
+  then put into the pages), with vLLM's slot mapping as it comes. Standard mode calls `write_packed` directly
+  rather than through the registered op (which takes packed pages too, docs/SPEC.md): what graph capture
+  sees is v2, as without the plugin.
 - reader: the lightning indexer reads float32 key scales through `prepare_dsa_indexer_key_scale`,
   unpatched: both modes leave float32 there.
 - `warmup_indexer_quant_scatter` (v2 on a throwaway 1-row buffer) has no caller in any release and writes
@@ -30,6 +30,7 @@ A2/A3 keep this cache as int8 keys with float16 scales and have no FP8 reader: r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch
 from ..config import EpilogConfig, EpilogConfigError, epilog_config_from_vllm
 from ...op.geometry import scales_after_values
 from ...backends.npu import write_packed, write_packed_mx_as_float32
-from ...op.spec import QUANT_MODE_MX, num_groups
+from ...op.spec import DSV4_INDEXER_HEAD_DIM, QUANT_MODE_MX, num_groups
 from ..patching import Patcher, SiteMissing, import_site, log_once, refuse, require
 from ..catalogue import PatchSite
 
@@ -49,36 +50,34 @@ CACHE_MODULES = ("vllm_ascend.models.deepseek_v4.indexer", "vllm_ascend.models.d
 TRIGGERS = CACHE_MODULES
 VERSIONS = ((0, 23), (0, 31))  # every release in it runs in tests/integrations/vllm_ascend_real
 SITE = "vllm-ascend's DeepSeek-V4 indexer cache"
-INDEXER_HEAD_DIM = 128  # the only indexer cache with FP8 rows and a scale column (scale_dim=1)
+INDEXER_HEAD_DIM = DSV4_INDEXER_HEAD_DIM  # the only indexer cache with FP8 rows and a scale column (scale_dim=1)
 
 _VERSIONS_TEXT = "vllm-ascend 0.23.0 up to (not incl.) {}.{}, and main of 2026-08-22".format(*VERSIONS[1])
 _REMOVE_WHEN = ("vllm-ascend writes the DeepSeek-V4 indexer cache through custom.indexer_compress_epilog "
                 "itself (or an op of the same contract) for the modes this flag selects")
+_site = functools.partial(PatchSite, versions=_VERSIONS_TEXT, remove_when=_REMOVE_WHEN)  # one release range, one fix
 PATCHES: tuple[PatchSite, ...] = (
-    PatchSite(
+    _site(
         target="vllm_ascend.models.deepseek_v4[.indexer].AscendDeepseekV4IndexerCache.get_kv_cache_spec",
         why="reads the indexer_epilog flag in every worker before the first forward and sets the cache's "
             "FP8 dtype from it; without it the flag is never seen and the cache keeps vllm-ascend's dtypes",
         how="class attribute replaced (Patcher.set); calls the original, then dataclasses.replace on its spec",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.device.device_op.DeviceOperator.indexer_quant_scatter",
         why="vllm-ascend quantizes and scatters the indexer keys itself (standard mode only); the patch "
             "writes them with this package's op in the configured mode",
         how="staticmethod replaced on the class (looked up at call time); inactive layers call the original",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.device.device_op.DeviceOperator.indexer_quant_scatter_part1",
         why="the split-stream variant of the same write; returning no scale makes vllm-ascend skip its part 3",
         how="staticmethod replaced on the class; inactive layers call the original",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
 )
+
+
+SPEC_SITE, SCATTER_SITE, SCATTER_PART1_SITE = PATCHES
 
 
 class _State:
@@ -188,9 +187,9 @@ def install(patcher: Patcher) -> str:
                slot_mapping)
         return kv, None  # no scale: vllm-ascend then skips its part 3 (the separate scale scatter)
 
-    patcher.set(cache_cls, "get_kv_cache_spec", get_kv_cache_spec)
-    patcher.set(op, "indexer_quant_scatter", staticmethod(indexer_quant_scatter))
-    patcher.set(op, "indexer_quant_scatter_part1", staticmethod(indexer_quant_scatter_part1))
-    patcher.set(state, "config", None)  # undo() also forgets what this process activated
+    patcher.set(cache_cls, "get_kv_cache_spec", get_kv_cache_spec, SPEC_SITE)
+    patcher.set(op, "indexer_quant_scatter", staticmethod(indexer_quant_scatter), SCATTER_SITE)
+    patcher.set(op, "indexer_quant_scatter_part1", staticmethod(indexer_quant_scatter_part1), SCATTER_PART1_SITE)
+    patcher.own(state, "config", None)  # undo() also forgets what this process activated
     return (f"hooked {cache_cls.__name__}.get_kv_cache_spec and {op.__name__}.indexer_quant_scatter[_part1]; "
             "active once a worker allocates the indexer cache")

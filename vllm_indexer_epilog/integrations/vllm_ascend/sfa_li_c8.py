@@ -8,7 +8,8 @@ Inline code has no method to replace, so the hook replaces `sfa_v1`'s module nam
 proxy that forwards everything except, for a layer this hook activated, those three calls:
 the quantization returns the unquantized key and a placeholder scale, the key scatter is held back, and
 the scale scatter -- the last of the three -- runs `custom.indexer_compress_epilog` once, fused, on
-both caches, through the registered op (its NPU kernel is npu_backend.write_split). Anything out of that order raises instead of writing wrong bytes.
+both caches, through the registered op (its NPU kernel is backends/npu.py `write_split`). Anything out of
+that order raises instead of writing wrong bytes.
 
 Activation happens in `AscendSFAImpl.__init__`, which has the vLLM config: only for LI-C8 layers on A5
 (FP8 cache, float32 scales), standard mode with e4m3fn (the lightning indexer reads the float32 scale
@@ -17,11 +18,12 @@ and not with `c8_enable_reshape_optim` (that path writes through `store_kv_block
 (a subclass that gathers keys across ranks before writing, `AscendSFACPImpl._get_full_kv` in 0.23.0,
 or a pcp/dcp group of more than one rank): refused in `__init__`, at start-up, never at the first write.
 Releases: 0.23.0 hooked; 0.24.0rc1 has no LI-C8 cache; from 0.25.1rc1 the version guard keeps vllm-ascend's
-path (not run for real against this hook: see README "Ascend").
+path (not run for real against this hook: see docs/ascend.md).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import threading
 from dataclasses import dataclass
@@ -48,31 +50,28 @@ LI_C8_MARKER = "self.enable_sparse_li_c8 ="
 _VERSIONS_TEXT = "vllm-ascend 0.23.0 up to (not incl.) {}.{} where LI-C8 exists, and main of 2026-08-22".format(*VERSIONS[1])
 _REMOVE_WHEN = ("AscendSFAImpl writes the LI-C8 key and scale with one fused op of this contract instead of "
                 "npu_dynamic_quant plus two npu_scatter_nd_update_ calls")
+_site = functools.partial(PatchSite, versions=_VERSIONS_TEXT, remove_when=_REMOVE_WHEN)  # one release range, one fix
 PATCHES: tuple[PatchSite, ...] = (
-    PatchSite(
+    _site(
         target="vllm_ascend.attention.sfa_v1.AscendSFAImpl.__init__",
         why="decides per layer (LI-C8, A5, standard e4m3fn, no reshape optimisation, no context parallel) "
             "whether the fused write applies, from the vLLM config only __init__ has",
         how="method replaced on the class; calls the original first, then records the layer's config",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.attention.sfa_v1.AscendSFAImpl.indexer_select_pre_process",
         why="marks the one key quantization of an activated layer so the proxy below can hold it back",
         how="method replaced on the class; inactive layers call the original unchanged",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
-    PatchSite(
+    _site(
         target="vllm_ascend.attention.sfa_v1.torch_npu",
         why="the quantize-then-two-scatters write is inline code with no method to replace; for an activated "
             "layer the three calls become one custom.indexer_compress_epilog",
         how="module global replaced by a proxy that forwards every other attribute to the real torch_npu",
-        versions=_VERSIONS_TEXT,
-        remove_when=_REMOVE_WHEN,
     ),
 )
+
+INIT_SITE, PRE_PROCESS_SITE, TORCH_NPU_SITE = PATCHES
 
 
 class SiteDrift(RuntimeError):
@@ -139,7 +138,7 @@ class TorchNpuProxy:
         slots = indices.reshape(-1)
         if op_schema.defined_here():
             # The registered op, so graph capture and torch.compile see it; on an NPU its PrivateUse1 kernel
-            # is npu_backend.write_split (op/registration.py).
+            # is backends/npu.py write_split (op/registration.py).
             torch.ops.custom.indexer_compress_epilog(pending.key_cache, cache, pending.key, slots,
                                                      quant_mode=pending.config.quant_mode,
                                                      round_scale=pending.config.round_scale)
@@ -238,8 +237,8 @@ def install(patcher: Patcher) -> str:
             raise SiteDrift("indexer_select_pre_process no longer quantizes the key with torch_npu.npu_dynamic_quant")
         return out
 
-    patcher.set(impl, "__init__", __init__)
-    patcher.set(impl, "indexer_select_pre_process", indexer_select_pre_process)
-    patcher.set(sfa, "torch_npu", TorchNpuProxy(real))
+    patcher.set(impl, "__init__", __init__, INIT_SITE)
+    patcher.set(impl, "indexer_select_pre_process", indexer_select_pre_process, PRE_PROCESS_SITE)
+    patcher.set(sfa, "torch_npu", TorchNpuProxy(real), TORCH_NPU_SITE)
     return (f"hooked {impl.__name__}.__init__/indexer_select_pre_process and sfa_v1.torch_npu; "
             "active for LI-C8 layers on A5")

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .compat_ops import CompatOp
+from .compat_ops import CompatOp, compat_op
+
+OPS: list[CompatOp] = []
+"""The ops this module supplies, in definition order (`compat_op` adds each)."""
 
 
 def _mix_and_inv_rms(x: torch.Tensor, hc_fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -32,6 +35,22 @@ def _weighted_streams(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     return acc.to(x.dtype)
 
 
+def _hc_pre_fake(x: torch.Tensor, *args: object) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hc_mult: int = args[3]  # type: ignore[assignment]  (the schema's 5th argument)
+    t, _, d = x.shape
+    return (
+        x.new_empty((t, d)),
+        x.new_empty((t, hc_mult), dtype=torch.float32),
+        x.new_empty((t, hc_mult, hc_mult), dtype=torch.float32),
+    )
+
+
+@compat_op(
+    OPS, "hc_pre_fused_cpu",
+    "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, int hc_mult, int sinkhorn_iters, "
+    "float rms_eps, float hc_eps) -> (Tensor, Tensor, Tensor)",
+    fake=_hc_pre_fake,
+)
 def hc_pre_fused(
     x: torch.Tensor,
     hc_fn: torch.Tensor,
@@ -62,24 +81,16 @@ def hc_pre_fused(
     return _weighted_streams(x, pre), post.contiguous(), comb.contiguous()
 
 
-def _hc_pre_fake(
-    x: torch.Tensor,
-    hc_fn: torch.Tensor,
-    hc_scale: torch.Tensor,
-    hc_base: torch.Tensor,
-    hc_mult: int,
-    sinkhorn_iters: int,
-    rms_eps: float,
-    hc_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t, _, d = x.shape
-    return (
-        x.new_empty((t, d)),
-        x.new_empty((t, hc_mult), dtype=torch.float32),
-        x.new_empty((t, hc_mult, hc_mult), dtype=torch.float32),
-    )
+def _hc_post_fake(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    t, d = x.shape
+    return x.new_empty((t, residual.shape[1], d))
 
 
+@compat_op(
+    OPS, "hc_post_fused_cpu",
+    "(Tensor x, Tensor residual, Tensor post, Tensor comb) -> Tensor",
+    fake=_hc_post_fake,
+)
 def hc_post_fused(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """out[t, h] = post[t, h] * x[t] + sum_i comb[t, i, h] * residual[t, i], in x's dtype."""
     torch._check(residual.dim() == 3 and residual.shape[1] >= 2, lambda: "hc_post_fused_cpu: residual [T, hc, d]")
@@ -91,11 +102,16 @@ def hc_post_fused(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, c
     return acc.to(x.dtype)
 
 
-def _hc_post_fake(x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    t, d = x.shape
-    return x.new_empty((t, residual.shape[1], d))
+def _hc_head_fake(x: torch.Tensor, *_: object) -> torch.Tensor:
+    t, _, d = x.shape
+    return x.new_empty((t, d))
 
 
+@compat_op(
+    OPS, "hc_head_fused_cpu",
+    "(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float hc_eps, float norm_eps) -> Tensor",
+    fake=_hc_head_fake,
+)
 def hc_head_fused(
     x: torch.Tensor,
     hc_fn: torch.Tensor,
@@ -109,41 +125,3 @@ def hc_head_fused(
     mixes = _mix_and_inv_rms(x, hc_fn, norm_eps)
     pre = torch.sigmoid(mixes * hc_scale.float().reshape(-1)[0] + hc_base.float().reshape(1, -1)) + hc_eps
     return _weighted_streams(x, pre)
-
-
-def _hc_head_fake(
-    x: torch.Tensor,
-    hc_fn: torch.Tensor,
-    hc_scale: torch.Tensor,
-    hc_base: torch.Tensor,
-    hc_eps: float,
-    norm_eps: float,
-) -> torch.Tensor:
-    t, _, d = x.shape
-    return x.new_empty((t, d))
-
-
-OPS: list[CompatOp] = [
-    CompatOp(
-        name="hc_pre_fused_cpu",
-        schema="(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, int hc_mult, int sinkhorn_iters, "
-        "float rms_eps, float hc_eps) -> (Tensor, Tensor, Tensor)",
-        impl=hc_pre_fused,
-        fake=_hc_pre_fake,
-        caller=("vllm._custom_ops", "hc_pre_fused_cpu"),
-    ),
-    CompatOp(
-        name="hc_post_fused_cpu",
-        schema="(Tensor x, Tensor residual, Tensor post, Tensor comb) -> Tensor",
-        impl=hc_post_fused,
-        fake=_hc_post_fake,
-        caller=("vllm._custom_ops", "hc_post_fused_cpu"),
-    ),
-    CompatOp(
-        name="hc_head_fused_cpu",
-        schema="(Tensor x, Tensor hc_fn, Tensor hc_scale, Tensor hc_base, float hc_eps, float norm_eps) -> Tensor",
-        impl=hc_head_fused,
-        fake=_hc_head_fake,
-        caller=("vllm._custom_ops", "hc_head_fused_cpu"),
-    ),
-]

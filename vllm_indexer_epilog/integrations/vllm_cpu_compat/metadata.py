@@ -31,7 +31,7 @@ def _tmod(a: torch.Tensor, b: int | torch.Tensor) -> torch.Tensor:
     return a - _tdiv(a, b) * b
 
 
-def _segments(starts: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _segments(lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For segments i of length lens[i] (negative counts as 0): (segment id, offset within it) per element."""
     lens = lens.clamp(min=0)
     seg = torch.repeat_interleave(torch.arange(lens.numel(), dtype=_I64, device=lens.device), lens)
@@ -64,7 +64,7 @@ def compressed_slot_mapping(
         return None
     qsl = query_start_loc[: num_reqs + 1].to(_I64)
     qlen = qsl[1:] - qsl[:-1]
-    req, off = _segments(qsl[:-1], qlen)
+    req, off = _segments(qlen)
     if req.numel() == 0:
         return None
     tok = qsl[req] + off
@@ -231,7 +231,7 @@ def build_prefill_chunk_metadata(
         return None
     qsl = query_start_loc[: num_reqs + 1].to(_I64)
     qlen = qsl[1:] - qsl[:-1]
-    req, off = _segments(qsl[:-1], qlen)
+    req, off = _segments(qlen)
     if req.numel():
         abs_pos = qsl[req] + off
         keep = (abs_pos >= query_slice_start) & (abs_pos < query_slice_stop)
@@ -249,7 +249,7 @@ def build_prefill_chunk_metadata(
         cu_compressed_seq_len_ke[out_pos] = (row_start + per_token).to(cu_compressed_seq_len_ke.dtype)
 
     cu = cu_compressed_seq_lens[: num_reqs + 1].to(_I64)
-    seq, soff = _segments(cu[:-1], cu[1:] - cu[:-1])
+    seq, soff = _segments(cu[1:] - cu[:-1])
     if seq.numel():
         token_to_seq[cu[seq] + soff] = seq.to(token_to_seq.dtype)
     return None
@@ -304,6 +304,15 @@ class FunctionSite:
     attr: str  # module attribute holding the @triton.jit function
     impl: Callable[..., None]
 
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.attr}"
+
+    def replacement(self, module: Any) -> tuple[Any, str, Any] | None:
+        """(owner, attribute, value) to set in `module`, or None where the function is gone."""
+        original = getattr(module, self.attr, None)
+        return None if original is None else (module, self.attr, GridLaunch(self.impl, original))
+
 
 FUNCTION_SITES: tuple[FunctionSite, ...] = (
     FunctionSite("vllm.v1.attention.ops.metadata", "_token_request_mapping_kernel", token_request_mapping),
@@ -315,6 +324,19 @@ class KernelSite:
     module: str  # where the owner class lives
     owner: str  # the VllmTritonJitKernel subclass whose __call__ is replaced
     impl: Callable[..., None]
+
+    @property
+    def attr(self) -> str:
+        return self.owner
+
+    @property
+    def target(self) -> str:
+        return f"{self.module}.{self.owner}.__call__"
+
+    def replacement(self, module: Any) -> tuple[Any, str, Any] | None:
+        """(owner, attribute, value) to set in `module`, or None where the class is gone."""
+        owner = getattr(module, self.owner, None)
+        return None if owner is None else (owner, "__call__", self.impl)
 
 
 SITES: tuple[KernelSite, ...] = (

@@ -31,6 +31,7 @@
 #endif
 
 #include "fp8_codec.h"
+#include "hif8_codec.h"
 
 namespace vie {
 namespace {
@@ -407,6 +408,47 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   });
 }
 
+// HiFloat8 (quant_mode=2): each element of a row becomes HiF8(fl32(x * scale)) (docs/SPEC.md); no group
+// scale, and the scale tensor is not touched. A plain loop: the encoder is branch-free integer code that GCC
+// vectorizes (docs/hifloat8.md), and x is widened 128 elements at a time into an L1 buffer as in modes 0/1.
+// The product runs under IeeeFpEnv, so a subnormal x or scale counts at its exact value.
+template <typename In, typename Slot>
+void run_hif8(const at::Tensor& cache, const at::Tensor& x, const at::Tensor& slot_mapping, const CacheLayout& layout,
+              const uint8_t* skip, float scale) {
+  const int64_t d = x.size(-1);
+  const int64_t rows = x.numel() / d;
+  const int64_t n_slots = cache.numel() / d;
+  const In* xp = static_cast<const In*>(x.const_data_ptr());
+  const Slot* sp = slot_mapping.const_data_ptr<Slot>();
+  uint8_t* cp = static_cast<uint8_t*>(cache.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
+  const bool packed = layout.packed;
+  const int64_t bs = std::max<int64_t>(layout.block_size, 1);
+  const int64_t code_block = layout.code_block_bytes;
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    const IeeeFpEnv fp_env;
+    alignas(64) float buf[kGroupSize];
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t s = int64_t(sp[r]);
+      // The range was checked before any write; this keeps even a bad caller inside the tensors.
+      if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
+      const In* src = xp + r * d;
+      uint8_t* dst;
+      if (packed) {
+        const int64_t blk = s / bs, off = s - blk * bs;
+        dst = cp + blk * code_block + off * d;
+      } else {
+        dst = cp + s * d;
+      }
+      for (int64_t c = 0; c < d; c += kGroupSize) {
+        const int n = int(std::min<int64_t>(kGroupSize, d - c));
+        widen<In>(src + c, n, buf);
+        for (int i = 0; i < n; ++i) dst[c + i] = encode_hif8<false>(buf[i] * scale);
+      }
+    }
+  });
+}
+
 template <typename In, typename Fmt, ScaleRule Rule>
 void dispatch_slots(const at::Tensor& c, const at::Tensor& s, const at::Tensor& x, const at::Tensor& sl,
                     const CacheLayout& layout, const uint8_t* skip) {
@@ -593,9 +635,16 @@ bool overlap(const at::Tensor& a, const at::Tensor& b) {
 }
 
 CacheLayout validate(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
-                     const at::Tensor& slot_mapping, int64_t quant_mode) {
-  TORCH_CHECK_VALUE(quant_mode == 0 || quant_mode == 1,
-                    "quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got ", quant_mode);
+                     const at::Tensor& slot_mapping, int64_t quant_mode, double scale_value) {
+  TORCH_CHECK_VALUE(quant_mode == 0 || quant_mode == 1 || quant_mode == 2,
+                    "quant_mode must be 0 (MX, e8m0 scales), 1 (standard, float32 scales) or 2 (HiFloat8), got ",
+                    quant_mode);
+  // HiFloat8's multiplier: finite once rounded to float32, and 1.0 in the modes that compute their own scales.
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(scale_value)), "scale must be finite as a float32, got ",
+                    py_float_repr(scale_value));
+  TORCH_CHECK_VALUE(quant_mode == 2 || scale_value == 1.0,
+                    "scale must be 1.0 unless quant_mode=2 (HiFloat8): modes 0 and 1 compute their own group "
+                    "scales; got ", py_float_repr(scale_value));
   const std::pair<const char*, const at::Tensor*> named[] = {
       {"indexer_compress_cache", &cache}, {"indexer_compress_scale", &scale}, {"x", &x}, {"slot_mapping", &slot_mapping}};
   for (const auto& [name, t] : named) {
@@ -605,9 +654,15 @@ CacheLayout validate(const at::Tensor& cache, const at::Tensor& scale, const at:
   TORCH_CHECK_TYPE(xt == at::kHalf || xt == at::kBFloat16 || xt == at::kFloat,
                    "x must have dtype float16, bfloat16, float32, got ", torch_dtype(xt));
   const auto ct = cache.scalar_type();
-  TORCH_CHECK_TYPE(ct == at::kFloat8_e4m3fn || ct == at::kFloat8_e5m2,
-                   "indexer_compress_cache must have dtype float8_e4m3fn, float8_e5m2, got ", torch_dtype(ct));
-  const auto want_scale = quant_mode == 1 ? at::kFloat : at::kFloat8_e8m0fnu;
+  if (quant_mode == 2) {
+    TORCH_CHECK_TYPE(ct == at::kByte,
+                     "indexer_compress_cache must have dtype uint8 (HiFloat8 codes) when quant_mode=2, got ",
+                     torch_dtype(ct));
+  } else {
+    TORCH_CHECK_TYPE(ct == at::kFloat8_e4m3fn || ct == at::kFloat8_e5m2,
+                     "indexer_compress_cache must have dtype float8_e4m3fn, float8_e5m2, got ", torch_dtype(ct));
+  }
+  const auto want_scale = quant_mode == 0 ? at::kFloat8_e8m0fnu : at::kFloat;
   TORCH_CHECK_TYPE(scale.scalar_type() == want_scale, "indexer_compress_scale must have dtype ",
                    torch_dtype(want_scale), " when quant_mode=", quant_mode, ", got ",
                    torch_dtype(scale.scalar_type()));
@@ -750,7 +805,7 @@ class LaterRowWins {
 template <typename Slot>
 void check_slots_and_run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
                          const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale,
-                         const CacheLayout& layout) {
+                         const CacheLayout& layout, float scale_value) {
   const int64_t t = slot_mapping.numel();
   if (t == 0) return;
   const int64_t n = cache.numel() / x.size(-1);
@@ -766,6 +821,16 @@ void check_slots_and_run(const at::Tensor& cache, const at::Tensor& scale, const
   TORCH_CHECK_VALUE(dedup.skip() == nullptr || !strict_mode(),
                     "slot_mapping names the same cache row twice (e.g. slot ", dedup.first_slot(),
                     "); rejected in strict mode (VLLM_INDEXER_EPILOG_STRICT=1)");
+  if (quant_mode == 2) {
+    switch (x.scalar_type()) {
+      case at::kBFloat16:
+        return run_hif8<c10::BFloat16, Slot>(cache, x, slot_mapping, layout, dedup.skip(), scale_value);
+      case at::kHalf:
+        return run_hif8<c10::Half, Slot>(cache, x, slot_mapping, layout, dedup.skip(), scale_value);
+      default:
+        return run_hif8<float, Slot>(cache, x, slot_mapping, layout, dedup.skip(), scale_value);
+    }
+  }
   switch (x.scalar_type()) {
     case at::kBFloat16:
       return dispatch_fmt<c10::BFloat16>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout,
@@ -779,26 +844,25 @@ void check_slots_and_run(const at::Tensor& cache, const at::Tensor& scale, const
 
 // The op: every check, then the kernel. Nothing is written unless all checks pass.
 void checked_epilog(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x,
-                    const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale) {
-  const CacheLayout layout = validate(cache, scale, x, slot_mapping, quant_mode);
+                    const at::Tensor& slot_mapping, int64_t quant_mode, bool round_scale, double scale_value) {
+  const CacheLayout layout = validate(cache, scale, x, slot_mapping, quant_mode, scale_value);
+  // Rounded once to float32 (nearest even), the multiplier's precision in the contract.
+  const float s32 = static_cast<float>(scale_value);
   if (slot_mapping.scalar_type() == at::kLong) {
-    check_slots_and_run<int64_t>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout);
+    check_slots_and_run<int64_t>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout, s32);
   } else {
-    check_slots_and_run<int32_t>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout);
+    check_slots_and_run<int32_t>(cache, scale, x, slot_mapping, quant_mode, round_scale, layout, s32);
   }
 }
 
-// Boxed, so one function serves our schema (6 arguments) and Ascend's (7: a trailing `float scale`,
-// which only its default 1.0 may take); a Python caller is boxed already, so nothing is lost.
+// Boxed, so one function serves our schema (6 arguments: scale 1.0), Ascend's and the private entry's (7: a
+// trailing `float scale`, HiFloat8's multiplier); a Python caller is boxed already, so nothing is lost.
 void indexer_compress_epilog_boxed(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
   const size_t n_args = op.schema().arguments().size();
   auto args = torch::jit::last(*stack, n_args);
-  if (n_args == 7) {
-    const double s = args[6].toDouble();
-    TORCH_CHECK_VALUE(s == 1.0, "scale=", py_float_repr(s), " is not supported by the vllm_indexer_epilog kernels");
-  }
+  const double scale_value = n_args == 7 ? args[6].toDouble() : 1.0;
   checked_epilog(args[0].toTensor(), args[1].toTensor(), args[2].toTensor(), args[3].toTensor(), args[4].toInt(),
-                 args[5].toBool());
+                 args[5].toBool(), scale_value);
   torch::jit::drop(*stack, n_args);
 }
 
@@ -835,7 +899,7 @@ std::string unsupported_schema(const c10::FunctionSchema& schema) {
 TORCH_LIBRARY(VIE_LIBRARY_NAME, m) {
   m.def(
       "quantize_scatter(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, Tensor x, "
-      "Tensor slot_mapping, int quant_mode, bool round_scale) -> ()");
+      "Tensor slot_mapping, int quant_mode, bool round_scale, float scale=1.0) -> ()");
   m.impl("quantize_scatter", c10::DispatchKey::CPU,
          torch::CppFunction::makeFromBoxedFunction<&vie::indexer_compress_epilog_boxed>());
 }

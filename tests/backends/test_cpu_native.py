@@ -19,7 +19,8 @@ from helpers import ROOT, as_bytes, last_only, poisoned, random_x
 from vllm_indexer_epilog import reference_indexer_compress_epilog
 from vllm_indexer_epilog.backends import cpu as cpu_backend
 
-ARG_NAMES = ("indexer_compress_cache", "indexer_compress_scale", "x", "slot_mapping", "quant_mode", "round_scale")
+ARG_NAMES = ("indexer_compress_cache", "indexer_compress_scale", "x", "slot_mapping", "quant_mode", "round_scale",
+             "scale")
 OP = torch.ops.custom.indexer_compress_epilog
 
 
@@ -43,7 +44,7 @@ Args = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, dict[str, o
 
 
 def _valid(quant_mode: int = 1, d: int = 200, t: int = 5, n: int = 8, slot_dtype: torch.dtype = torch.int64) -> Args:
-    cache, scale = poisoned(n, d, torch.float8_e4m3fn, quant_mode, seed=3)
+    cache, scale = poisoned(n, d, torch.uint8 if quant_mode == 2 else torch.float8_e4m3fn, quant_mode, seed=3)
     x = random_x(t, d, torch.bfloat16, seed=4)
     slots = torch.tensor([3, -1, 0, 7, 5][:t], dtype=slot_dtype)
     return cache, scale, x, slots, {"quant_mode": quant_mode, "round_scale": True}
@@ -87,7 +88,12 @@ def _aliased(i: int, of: int, offset: int, dtype: torch.dtype, shape: tuple[int,
 
 
 INVALID: dict[str, Callable[[], Args]] = {
-    "quant_mode_2": _kwargs(quant_mode=2),
+    "quant_mode_3": _kwargs(quant_mode=3),
+    # HiFloat8: a uint8 cache, float32 scales (validated, never written)
+    "hif8_fp8_cache": _replace(0, lambda t: t.view(torch.float8_e4m3fn), quant_mode=2),
+    "hif8_e8m0_scale": _replace(1, lambda t: torch.ones(t.shape, dtype=torch.float8_e8m0fnu), quant_mode=2),
+    "hif8_scale_g_mismatch": _replace(1, lambda t: torch.zeros(t.shape[0], 3), quant_mode=2),
+    "hif8_cache_noncontiguous": _replace(0, _noncontig_rows, quant_mode=2),
     "quant_mode_negative": _kwargs(quant_mode=-1),
     "x_float64": _replace(2, lambda t: t.double()),
     "x_int": _replace(2, lambda t: t.to(torch.int32)),
@@ -241,6 +247,30 @@ CARELESS: dict[str, Callable[[], Args]] = {
 }
 
 
+# `scale` cannot reach OP under our schema: the private entry (which has it) against the reference.
+SCALE_INVALID: dict[str, tuple[int, float]] = {
+    "scale_nan": (2, float("nan")),
+    "scale_inf": (2, float("inf")),
+    "scale_float32_overflow": (2, 3.5e38),
+    "scale_in_standard_mode": (1, 2.0),
+    "scale_in_mx_mode": (0, 0.5),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SCALE_INVALID))
+def test_cpp_scale_checks_match_python_validation(case: str) -> None:
+    quant_mode, bad = SCALE_INVALID[case]
+    cache, scale, x, slots, kw = _valid(quant_mode)
+    before = (as_bytes(cache).copy(), as_bytes(scale).copy())
+    want = _refusal(lambda: reference_indexer_compress_epilog(cache, scale, x, slots, **kw, scale=bad))
+    got = _refusal(lambda: torch.ops.vllm_indexer_epilog_cpu.quantize_scatter(cache, scale, x, slots, quant_mode,
+                                                                              True, bad))
+    assert type(got) is type(want), f"C++ raised {type(got).__name__}: {got}; Python {type(want).__name__}: {want}"
+    assert _named_argument(got) == _named_argument(want) == "scale", f"C++: {got}\nPython: {want}"
+    np.testing.assert_array_equal(as_bytes(cache), before[0])
+    np.testing.assert_array_equal(as_bytes(scale), before[1])
+
+
 @pytest.mark.parametrize("case", sorted(CARELESS))
 def test_private_entry_point_checks_everything(case: str) -> None:
     """torch.ops.vllm_indexer_epilog_cpu.quantize_scatter is reachable by anyone: it must refuse what the op
@@ -254,8 +284,8 @@ def test_private_entry_point_checks_everything(case: str) -> None:
 
 
 def test_ascend_schema_gets_the_native_kernel() -> None:
-    """Under Ascend's definition (extra `float scale=1.0`), the same boxed C++ kernel serves CPU calls and
-    refuses any other scale."""
+    """Under Ascend's definition (extra `float scale=1.0`), the same boxed C++ kernel serves CPU calls: it
+    refuses a scale other than 1.0 outside HiFloat8 mode, and applies it in HiFloat8 mode."""
     schema = (
         "indexer_compress_epilog(Tensor(a!) indexer_compress_cache, Tensor(b!) indexer_compress_scale, "
         "Tensor x, Tensor slot_mapping, *, int quant_mode=1, bool round_scale=True, float scale=1.0) -> ()"
@@ -274,14 +304,18 @@ def test_ascend_schema_gets_the_native_kernel() -> None:
         x = torch.ones(1, 128, dtype=torch.bfloat16)
         torch.ops.custom.indexer_compress_epilog(cache, scale, x, torch.tensor([2]), scale=1.0)
         assert scale[2, 0].item() == (torch.tensor(1.0) / 448).item()
-        for bad in (2.0, 0.5, float("nan")):
+        for bad, words in ((2.0, "scale must be 1.0 unless quant_mode=2"), (0.5, "scale must be 1.0 unless"),
+                           (float("nan"), "scale must be finite")):
             try:
                 torch.ops.custom.indexer_compress_epilog(cache, scale, x, torch.tensor([3]), scale=bad)
             except ValueError as e:
-                assert f"scale={bad!r} is not supported" in str(e), e
+                assert words in str(e), e
             else:
                 raise AssertionError(bad)
         assert scale[3, 0].item() == 0
+        codes, hs = torch.zeros(4, 128, dtype=torch.uint8), torch.full((4, 1), 5.0)
+        torch.ops.custom.indexer_compress_epilog(codes, hs, x * 3, torch.tensor([1]), quant_mode=2, scale=0.5)
+        assert (codes[1] == 0x0C).all() and (codes[[0, 2, 3]] == 0).all() and (hs == 5.0).all(), codes  # 1.5
         print("OK")
         """
     )

@@ -300,3 +300,35 @@ def test_package_scales_against_the_compiled_ascend_rule() -> None:
         return ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()
 
     assert torch.equal(mx_exponent(a, fmt, round_scale=True), ascend_ceil_exponent(a))
+
+
+def test_hifloat8_goes_to_custom_ops_only_by_name() -> None:
+    """Issue 16 item 1: custom_ops' HiFloat8 cast saturates, so in auto quant_mode=2 takes the reference (one
+    log line saying why); named, custom_ops gets int32 slots, its `scale`, and a scratch scale tensor, so the
+    caller's stays untouched (the Ascend kernel copies an unwritten buffer there)."""
+    _run_with_custom_ops(
+        """
+        x = random_x(12, 256, torch.bfloat16, 5, specials=2)
+        slots = torch.arange(12) * 2
+        slots[3] = -1
+        for _ in range(2):
+            k, s = poisoned(32, 256, torch.uint8, 2, 1)
+            wk, ws = k.clone(), s.clone()
+            assert npu_backend.write_split(k, s, x, slots, quant_mode=2, scale=0.25).value == "reference"
+            assert custom_ops.CALLS == []
+            reference_indexer_compress_epilog(wk, ws, x, slots, quant_mode=2, scale=0.25)
+            assert same(k, wk) and same(s, ws)
+        auto = [m for m in LOG if "saturates" in m]
+        assert len(auto) == 1 and "use reference (" in auto[0], LOG
+
+        os.environ[envs.NPU_BACKEND] = "custom_ops"
+        k, s = poisoned(32, 256, torch.uint8, 2, 1)
+        wk, ws = k.clone(), s.clone()
+        assert npu_backend.write_split(k, s, x, slots, quant_mode=2, scale=0.25).value == "custom_ops"
+        call = custom_ops.CALLS[-1]
+        assert call["quant_mode"] == 2 and call["scale"] == 0.25 and call["slots"].dtype == torch.int32
+        reference_indexer_compress_epilog(wk, ws, x, slots, quant_mode=2, scale=0.25)
+        assert same(k, wk) and same(s, ws)
+        assert any("saturates" in m and "forced" in m for m in LOG), LOG
+        """
+    )

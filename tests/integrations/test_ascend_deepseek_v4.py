@@ -173,6 +173,7 @@ def test_a2_without_flag_keeps_vllm_ascend_int8_path(boot, caplog) -> None:
         ("A2", {"quant_mode": "standard"}, "A2/A3"),
         ("A3", MX, "no NPU reader of FP8 indexer keys"),
         ("A5", {"fp8_dtype": "float8_e5m2"}, "float8_e4m3fn keys only"),
+        ("A5", {"quant_mode": "hifloat8"}, "no vllm-ascend site reads HiFloat8"),
         ("A5", {"quant_mode": "int8"}, "quant_mode"),
         ("A5", {"quantmode": "mx"}, "unknown"),
     ],

@@ -102,6 +102,7 @@ def test_context_parallel_subclass_is_not_hooked(boot) -> None:
     [
         ({"quant_mode": "mx"}, "no NPU reader of e8m0 scales"),
         ({"fp8_dtype": "e5m2"}, "float8_e4m3fn only"),
+        ({"quant_mode": "hifloat8"}, "no vllm-ascend site reads HiFloat8"),
         ({"quant_mode": "standard", "round_scale": "yes"}, "round_scale"),
     ],
 )

@@ -23,6 +23,8 @@ def test_defaults_are_the_ops_defaults() -> None:
         ({"quant_mode": 1, "fp8_dtype": "e5m2"}, (True, 1, True, torch.float8_e5m2)),
         ({"quant_mode": 0, "fp8_dtype": "torch.float8_e5m2"}, (True, 0, True, torch.float8_e5m2)),
         ({"enabled": False}, (False, 1, True, torch.float8_e4m3fn)),
+        ({"quant_mode": "hifloat8"}, (True, 2, True, torch.float8_e4m3fn)),
+        ({"quant_mode": 2, "round_scale": False}, (True, 2, False, torch.float8_e4m3fn)),
         ({}, (True, 1, True, torch.float8_e4m3fn)),
     ],
 )
@@ -38,7 +40,9 @@ def test_values(raw, want) -> None:
         ({"quant_mode": "fp8"}, "quant_mode"),
         ({"quant_mode": True}, "quant_mode"),
         ({"quant_mode": 1.0}, "quant_mode"),
-        ({"quant_mode": 2}, "quant_mode"),
+        ({"quant_mode": 3}, "quant_mode"),
+        ({"quant_mode": "hif8"}, "quant_mode"),
+        ({"quant_mode": "hifloat8", "fp8_dtype": "e5m2"}, "fp8_dtype does not apply"),
         ({"round_scale": 1}, "round_scale"),
         ({"enabled": "yes"}, "enabled"),
         ({"fp8_dtype": "float8_e4m3fnuz"}, "fp8_dtype"),
@@ -73,6 +77,7 @@ def test_describe() -> None:
         "mx, round_scale=False, float8_e4m3fn"
     )
     assert EpilogConfig().describe() == "standard, float8_e4m3fn"
+    assert parse_epilog_config({"quant_mode": "hifloat8"}, "t").describe() == "hifloat8 (HiF8 codes, scale 1.0)"
 
 
 def test_bundled_flag_examples_parse() -> None:
@@ -81,10 +86,11 @@ def test_bundled_flag_examples_parse() -> None:
     from helpers import ROOT
 
     files = sorted((ROOT / "configs").glob("indexer-epilog-*.json"))
-    assert len(files) == 3
+    assert len(files) == 4
     got = {f.stem: parse_epilog_config(json.loads(f.read_text())["indexer_epilog"], f.name) for f in files}
     assert got["indexer-epilog-mx"].quant_mode == 0 and got["indexer-epilog-standard"] == EpilogConfig(explicit=True)
     assert not got["indexer-epilog-off"].enabled
+    assert got["indexer-epilog-hifloat8"].quant_mode == 2 and got["indexer-epilog-hifloat8"].mode_name == "hifloat8"
 
 
 # ---- reliability: null, non-objects, bounded messages, any input raises the parser's own error ----------

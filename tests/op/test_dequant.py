@@ -57,4 +57,4 @@ def test_dequantize_rejects_bad_scale() -> None:
     with pytest.raises(ValueError, match="scale must have shape"):
         dequantize(cache, torch.zeros(4, 2))
     with pytest.raises(TypeError, match="cache must be"):
-        dequantize(cache.view(torch.uint8), torch.zeros(4, 1))
+        dequantize(cache.view(torch.int8), torch.zeros(4, 1))  # uint8 is HiFloat8 (test_hifloat8_op.py)

@@ -52,7 +52,9 @@ CASES = [
     ("cache_dtype", _set("cache", lambda a: a["cache"].view(torch.uint8)), "indexer_compress_cache must have dtype", TypeError),
     ("scale_dtype_for_mode", _set("quant_mode", lambda a: 0), "indexer_compress_scale must have dtype", TypeError),
     ("scale_bf16", _set("scale", lambda a: a["scale"].to(torch.bfloat16)), "indexer_compress_scale must have dtype", TypeError),
-    ("quant_mode_2", _set("quant_mode", lambda a: 2), "quant_mode must be 0", ValueError),
+    ("quant_mode_3", _set("quant_mode", lambda a: 3), "quant_mode must be 0", ValueError),
+    # HiFloat8 (quant_mode=2) takes a uint8 cache and float32 scales; fp8 caches are modes 0/1 only.
+    ("hif8_fp8_cache", _set("quant_mode", lambda a: 2), "indexer_compress_cache must have dtype uint8", TypeError),
     ("quant_mode_neg", _set("quant_mode", lambda a: -1), "quant_mode must be 0", ValueError),
     ("slot_dtype", _set("slot_mapping", lambda a: a["slot_mapping"].to(torch.int16)), "slot_mapping must have dtype", TypeError),
     ("slot_float", _set("slot_mapping", lambda a: a["slot_mapping"].float()), "slot_mapping must have dtype", TypeError),
@@ -198,6 +200,17 @@ OPTION_CASES = [
     ("quant_mode_float", {"quant_mode": 1.0}, ValueError, "quant_mode must be 0"),
     ("quant_mode_none", {"quant_mode": None}, ValueError, "quant_mode must be 0"),
 ]
+# HiFloat8's `scale` keyword: a finite float, and 1.0 outside quant_mode=2. Not for torch.ops under our schema,
+# which has no such argument (the dispatcher refuses the keyword itself).
+SCALE_CASES = [
+    ("scale_str", {"scale": "2"}, TypeError, "scale must be a float"),
+    ("scale_bool", {"scale": True}, TypeError, "scale must be a float"),
+    ("scale_none", {"scale": None}, TypeError, "scale must be a float"),
+    ("scale_nan", {"scale": float("nan")}, ValueError, "scale must be finite"),
+    ("scale_inf", {"scale": float("-inf")}, ValueError, "scale must be finite"),
+    ("scale_float32_overflow", {"scale": 1e39}, ValueError, "scale must be finite"),
+    ("scale_in_standard_mode", {"scale": 2.0}, ValueError, "scale must be 1.0 unless quant_mode=2"),
+]
 
 
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS) + ["npu_write_packed"])
@@ -216,6 +229,32 @@ def test_options_of_the_wrong_type_refused(entry, case) -> None:
                          quant_mode=a["quant_mode"], round_scale=a["round_scale"])
         else:
             _call(ENTRY_POINTS[entry], a)
+    np.testing.assert_array_equal(as_bytes(a["cache"]), before[0])
+    np.testing.assert_array_equal(as_bytes(a["scale"]), before[1])
+
+
+def _hif8_args() -> dict:
+    a = good_args("cpu")
+    a["cache"] = a["cache"].view(torch.uint8)
+    a["quant_mode"] = 2
+    return a
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRY_POINTS) + ["npu_write_packed"])
+@pytest.mark.parametrize("case", SCALE_CASES, ids=[c[0] for c in SCALE_CASES])
+def test_bad_scale_refused_by_name(entry, case) -> None:
+    _, options, exc, words = case
+    a = good_args("cpu") if case[0] == "scale_in_standard_mode" else _hif8_args()
+    before = (as_bytes(a["cache"]).copy(), as_bytes(a["scale"]).copy())
+    with pytest.raises(exc, match=words):
+        if entry == "npu_write_packed":
+            from vllm_indexer_epilog.backends.npu import write_packed
+
+            write_packed(a["cache"], a["scale"], a["x"], a["slot_mapping"], quant_mode=a["quant_mode"],
+                         round_scale=a["round_scale"], **options)
+        else:
+            ENTRY_POINTS[entry](a["cache"], a["scale"], a["x"], a["slot_mapping"], quant_mode=a["quant_mode"],
+                                round_scale=a["round_scale"], **options)
     np.testing.assert_array_equal(as_bytes(a["cache"]), before[0])
     np.testing.assert_array_equal(as_bytes(a["scale"]), before[1])
 

@@ -45,7 +45,7 @@ from .. import envs
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = ("cpu/indexer_compress_epilog_cpu.cpp", "fp8_codec.h")
+_SOURCES = ("cpu/indexer_compress_epilog_cpu.cpp", "fp8_codec.h", "hif8_codec.h")
 LIBRARY = "vllm_indexer_epilog_cpu"
 # No -ffast-math: results must be IEEE. -fno-trapping-math only lets GCC if-convert FP operations.
 _CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]

@@ -43,7 +43,7 @@ from ..log_once import log_once
 from ..op import schema as op_schema
 from ..op.geometry import block_buffer
 from ..op.reference import reference_indexer_compress_epilog
-from ..op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD
+from ..op.spec import QUANT_MODE_HIFLOAT8, QUANT_MODE_MX, QUANT_MODE_STANDARD
 from ..op.validation import EpilogProblem, check_slot_range, validate_epilog_args
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 _COMPILED_X_DTYPES = (torch.float16, torch.bfloat16)
 _INT32_MAX = 2**31 - 1
 _MX_NOT_EXACT = "custom_ops' MX mode is not SPEC-exact (docs/ascend-kernel.md)"
+_HIF8_NOT_EXACT = ("custom_ops' HiFloat8 cast saturates (SatMode::SAT): overflow and +/-Inf give +/-32768 and NaN "
+                   "gives 0, where SPEC.md follows en-dtypes (+/-Inf, 0x80; docs/hifloat8.md)")
 
 
 class NpuBackend(str, enum.Enum):
@@ -101,10 +103,12 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
         why = _why_not_compiled(p, x, ascend_custom_op_installed(), "Ascend's custom_ops op")
     else:
         why = _why_not_compiled(p, x, c_ascend_v2_installed(), "_C_ascend.indexer_compress_epilog_v2")
-        if why is None and (p.fmt.dtype != torch.float8_e4m3fn or p.quant_mode != QUANT_MODE_STANDARD):
+        if why is None and (p.fmt is None or p.fmt.dtype != torch.float8_e4m3fn or p.quant_mode != QUANT_MODE_STANDARD):
             why = "_C_ascend.indexer_compress_epilog_v2 writes e4m3fn codes with float32 (standard) scales only"
     forced = _forced()
-    inexact_mx = compiled is NpuBackend.CUSTOM_OPS and p.quant_mode == QUANT_MODE_MX
+    # Modes the compiled op runs differently from SPEC.md: used only when named.
+    not_exact = {QUANT_MODE_MX: _MX_NOT_EXACT, QUANT_MODE_HIFLOAT8: _HIF8_NOT_EXACT}.get(p.quant_mode)
+    inexact_mx = compiled is NpuBackend.CUSTOM_OPS and not_exact is not None
     if forced is not None:
         if forced not in (compiled, NpuBackend.REFERENCE):
             raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} cannot serve the {layout} cache layout")
@@ -112,9 +116,9 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
             raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} but {why}")
         chosen, reason = forced, f"forced by {envs.NPU_BACKEND}"
         if forced is compiled and inexact_mx:
-            reason += f"; {_MX_NOT_EXACT}"
+            reason += f"; {not_exact}"
     elif why is None and inexact_mx:
-        chosen, reason = NpuBackend.REFERENCE, f"{_MX_NOT_EXACT}; {envs.NPU_BACKEND}=custom_ops uses it anyway"
+        chosen, reason = NpuBackend.REFERENCE, f"{not_exact}; {envs.NPU_BACKEND}=custom_ops uses it anyway"
     elif why is None:
         chosen, reason = compiled, "fits"
     else:
@@ -142,28 +146,33 @@ def _int32_slots(slot_mapping: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 def write_split(
     cache: torch.Tensor,
-    scale: torch.Tensor,
+    scales: torch.Tensor,
     x: torch.Tensor,
     slot_mapping: torch.Tensor,
     *,
     quant_mode: int = QUANT_MODE_STANDARD,
     round_scale: bool = True,
+    scale: float = 1.0,
 ) -> NpuBackend:
     """The op on contiguous cache and scale tensors; returns the backend that ran. A packed-block pair (the
-    op's other accepted layout, op/geometry.py) goes to `write_packed`."""
-    p = validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    op's other accepted layout, op/geometry.py) goes to `write_packed`. `scale`: HiFloat8's multiplier."""
+    p = validate_epilog_args(cache, scales, x, slot_mapping, quant_mode, round_scale, scale_value=scale)
     if p.packed:
-        return write_packed(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+        return write_packed(cache, scales, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale,
+                            scale=scale)
     backend = _choose("split", p, x)
     if backend is NpuBackend.CUSTOM_OPS:
-        # Its documented x and slot shapes are [T, d] and [T].
+        # Its documented x and slot shapes are [T, d] and [T]. In HiFloat8 mode it copies an unwritten local
+        # buffer to the scale rows (docs/hifloat8.md); a scratch tensor takes them, so ours stays untouched.
+        out_scales = torch.empty_like(scales) if p.hifloat8 else scales
         torch.ops.custom.indexer_compress_epilog(
-            cache, scale, x.view(p.rows, p.dim), _int32_slots(slot_mapping, p.slots),
-            quant_mode=quant_mode, round_scale=round_scale,
+            cache, out_scales, x.view(p.rows, p.dim), _int32_slots(slot_mapping, p.slots),
+            quant_mode=quant_mode, round_scale=round_scale, **({"scale": p.scale} if p.hifloat8 else {}),
         )
     else:
         slots = _guarded_slots(slot_mapping, p.slots)
-        reference_indexer_compress_epilog(cache, scale, x, slots, quant_mode=quant_mode, round_scale=round_scale)
+        reference_indexer_compress_epilog(cache, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale,
+                                          scale=scale)
     return backend
 
 
@@ -175,9 +184,11 @@ def write_packed(
     *,
     quant_mode: int = QUANT_MODE_STANDARD,
     round_scale: bool = True,
+    scale: float = 1.0,
 ) -> NpuBackend:
     """The op on the two views of a packed-block cache (op/geometry.py); returns the backend that ran."""
-    p = validate_epilog_args(values, scales, x, slot_mapping, quant_mode, round_scale, packed=True)
+    p = validate_epilog_args(values, scales, x, slot_mapping, quant_mode, round_scale, packed=True,
+                             scale_value=scale)
     backend = _choose("packed", p, x)
     if backend is NpuBackend.C_ASCEND_V2:
         buffer = block_buffer(values, p.geometry, scales.element_size())
@@ -186,7 +197,7 @@ def write_packed(
     else:
         slots = _guarded_slots(slot_mapping, p.slots)
         reference_indexer_compress_epilog(
-            values, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale, packed=True
+            values, scales, x, slots, quant_mode=quant_mode, round_scale=round_scale, scale=scale, packed=True
         )
     return backend
 

@@ -109,14 +109,21 @@ def triton_indexer_compress_epilog(
     *,
     quant_mode: int = QUANT_MODE_STANDARD,
     round_scale: bool = True,
+    scale: float = 1.0,
 ) -> None:
-    """Launch the kernel on x's device (CUDA, or CPU under TRITON_INTERPRET=1).
+    """Launch the kernel on x's device (CUDA, or CPU under TRITON_INTERPRET=1); HiFloat8 (quant_mode=2, with
+    its `scale`) runs backends/triton_hif8.py's kernel.
 
     Two rows naming one slot: one of them wins, which is unspecified (checking would cost a host sync);
     strict mode rejects them. The cache and scale may be a packed-block pair (op/geometry.py): rows are then
     addressed as block * block stride + offset in block, in both views (PACKED specializes the kernel, so
     contiguous caches run the code they always did).
     """
+    if quant_mode == 2 or scale != 1.0:  # HiFloat8; its validation refuses scale != 1.0 in modes 0 and 1
+        from .triton_hif8 import triton_hif8_epilog
+
+        return triton_hif8_epilog(indexer_compress_cache, indexer_compress_scale, x, slot_mapping,
+                                  quant_mode=quant_mode, round_scale=round_scale, scale=scale)
     p = validate_epilog_args(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale)
     capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()
     if envs.strict() and not capturing:  # a capture cannot sync; replays keep the on-device skip

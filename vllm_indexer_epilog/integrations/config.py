@@ -8,8 +8,9 @@ Key `indexer_epilog`, a JSON object, read from the model's config.json (or `--hf
 Fields (all optional; defaults are the op's defaults):
     enabled      true | false              false leaves vLLM's own write path in place
     quant_mode   "standard" (1) | "mx" (0) float32 scales a/FMAX | e8m0 power-of-two scales
+                 | "hifloat8" (2)          HiF8 codes of each element (scale 1.0), no group scale
     round_scale  true | false              MX only: ceil (DeepSeek) or OCP floor rule for the exponent
-    fp8_dtype    "float8_e4m3fn" | "float8_e5m2"
+    fp8_dtype    "float8_e4m3fn" | "float8_e5m2"   not with "hifloat8" (its codes are HiF8)
 Pure Python: importing it needs neither vLLM nor an accelerator.
 """
 
@@ -21,12 +22,14 @@ from typing import Any, Mapping
 import torch
 
 from ..envs import quote
-from ..op.spec import FP8_FORMATS, QUANT_MODE_MX, QUANT_MODE_STANDARD
+from ..op.spec import FP8_FORMATS, QUANT_MODE_HIFLOAT8, QUANT_MODE_MX, QUANT_MODE_STANDARD
 
 CONFIG_KEY = "indexer_epilog"
 
-_QUANT_MODES = {"standard": QUANT_MODE_STANDARD, "mx": QUANT_MODE_MX, QUANT_MODE_STANDARD: QUANT_MODE_STANDARD,
-                QUANT_MODE_MX: QUANT_MODE_MX}
+_QUANT_MODES = {"standard": QUANT_MODE_STANDARD, "mx": QUANT_MODE_MX, "hifloat8": QUANT_MODE_HIFLOAT8,
+                QUANT_MODE_STANDARD: QUANT_MODE_STANDARD, QUANT_MODE_MX: QUANT_MODE_MX,
+                QUANT_MODE_HIFLOAT8: QUANT_MODE_HIFLOAT8}
+_MODE_NAMES = {QUANT_MODE_STANDARD: "standard", QUANT_MODE_MX: "mx", QUANT_MODE_HIFLOAT8: "hifloat8"}
 _FP8_DTYPES = {str(dt).removeprefix("torch."): dt for dt in FP8_FORMATS} | {
     str(dt).removeprefix("torch.float8_"): dt for dt in FP8_FORMATS
 }
@@ -48,11 +51,22 @@ class EpilogConfig:
 
     @property
     def mode_name(self) -> str:
-        return "mx" if self.quant_mode == QUANT_MODE_MX else "standard"
+        return _MODE_NAMES[self.quant_mode]
+
+    @property
+    def hifloat8(self) -> bool:
+        return self.quant_mode == QUANT_MODE_HIFLOAT8
+
+    @property
+    def code_format(self) -> str:
+        """What the cache codes are: the fp8 dtype's name, or "hifloat8"."""
+        return "hifloat8" if self.hifloat8 else str(self.fp8_dtype).removeprefix("torch.")
 
     def describe(self) -> str:
+        if self.hifloat8:
+            return "hifloat8 (HiF8 codes, scale 1.0)"
         rs = f", round_scale={self.round_scale}" if self.quant_mode == QUANT_MODE_MX else ""
-        return f"{self.mode_name}{rs}, {str(self.fp8_dtype).removeprefix('torch.')}"
+        return f"{self.mode_name}{rs}, {self.code_format}"
 
 
 class _Absent:
@@ -102,7 +116,13 @@ def _parse(raw: Any, source: str) -> EpilogConfig:
     key = mode.lower() if isinstance(mode, str) else mode
     if isinstance(mode, bool) or not isinstance(mode, (str, int)) or key not in _QUANT_MODES:
         raise EpilogConfigError(
-            f"{source}: {CONFIG_KEY}.quant_mode must be \"standard\" (1) or \"mx\" (0), got {quote(mode)}"
+            f"{source}: {CONFIG_KEY}.quant_mode must be \"standard\" (1), \"mx\" (0) or \"hifloat8\" (2), "
+            f"got {quote(mode)}"
+        )
+    if _QUANT_MODES[key] == QUANT_MODE_HIFLOAT8 and "fp8_dtype" in raw:
+        raise EpilogConfigError(
+            f"{source}: {CONFIG_KEY}.fp8_dtype does not apply to quant_mode \"hifloat8\" (its codes are HiFloat8 "
+            f"bytes); leave it out, got {quote(raw['fp8_dtype'])}"
         )
     dtype_name = raw.get("fp8_dtype", "float8_e4m3fn")
     if not isinstance(dtype_name, str) or dtype_name.removeprefix("torch.") not in _FP8_DTYPES:

@@ -65,7 +65,7 @@ def mode_line(site: str, config: EpilogConfig) -> str:
         return f"indexer_epilog: {site}: disabled (enabled=false); vLLM's own indexer cache write and read are kept"
     round_scale = str(config.round_scale).lower() if config.mode_name == "mx" else "n/a"
     return (f"indexer_epilog: {site}: mode={config.mode_name} round_scale={round_scale} "
-            f"fp8={str(config.fp8_dtype).removeprefix('torch.')}")
+            f"fp8={'n/a' if config.hifloat8 else config.code_format}")
 
 
 def check_flag(vllm_config: Any) -> EpilogConfig:

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from .. import envs
 from .geometry import block_rows
-from .spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_STANDARD, Fp8Format
+from .hifloat8 import encode_hifloat8
+from .spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_HIFLOAT8, QUANT_MODE_STANDARD, Fp8Format
 from .validation import check_slot_range, validate_epilog_args
 
 CHUNK_ELEMENTS = 1 << 20
@@ -152,6 +153,29 @@ def quantize_rows(
     return codes.view(rows, -1)[:, :d], scales
 
 
+def scaled_f32(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """fl32(fl32(x) * fl32(scale)) elementwise (float32), the one correctly rounded product of HiFloat8 mode.
+
+    scale 1.0: x itself (the product is exact). On CPU the product is taken in float64 from exactly converted
+    operands (two float32 significands multiply exactly in float64) and rounded to float32 once by
+    f64_to_f32_bits, so a subnormal x or scale counts at its exact value under any FTZ/DAZ mode. Other devices
+    multiply in float32 (CUDA does not flush by default; an NPU need not have float64).
+    """
+    xf = x.float()
+    if scale == 1.0:
+        return xf
+    if x.device.type != "cpu":
+        return xf * torch.tensor(scale, dtype=torch.float32, device=x.device)
+    s64 = f32_to_f64(torch.tensor([scale], dtype=torch.float32))
+    p = f32_to_f64(xf) * s64
+    finite = torch.isfinite(p)
+    mag = torch.where(finite, p.abs(), 0.0)
+    bits = f64_to_f32_bits(mag) | torch.where(p < 0, -(2**31), 0).to(torch.int32)
+    # Inf * finite and NaN are exact in float64 and their float32 cast keeps them.
+    bits = torch.where(finite, bits, p.to(torch.float32).view(torch.int32))
+    return bits.view(torch.float32)
+
+
 def last_writers(slots: torch.Tensor) -> torch.Tensor:
     """Rows that write: those with a slot >= 0, and of several naming one slot only the last.
 
@@ -177,6 +201,7 @@ def reference_indexer_compress_epilog(
     *,
     quant_mode: int = 1,
     round_scale: bool = True,
+    scale: float = 1.0,
     packed: bool | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
 ) -> None:
@@ -186,19 +211,29 @@ def reference_indexer_compress_epilog(
     one's codes and scales (strict mode, VLLM_INDEXER_EPILOG_STRICT=1, rejects them instead).
     The cache and scale may be two contiguous tensors or the two views of a packed-block buffer (geometry.py),
     told apart as `validate_epilog_args` does (`packed=None`); `packed=True`/`False` insists on one of them.
+    HiFloat8 mode (quant_mode=2) writes HiF8(fl32(x * scale)) codes and leaves indexer_compress_scale untouched.
     """
     p = validate_epilog_args(
-        indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale, packed=packed
+        indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode, round_scale, packed=packed,
+        scale_value=scale,
     )
     check_slot_range(slot_mapping, p.slots, reject_duplicates=envs.strict())
     # Both layouts are written through [blocks, rows per block, width] views; contiguous is one block.
     geometry = p.geometry
     cache3 = block_rows(indexer_compress_cache.view(torch.uint8), geometry, p.dim)
-    scale_as = torch.int32 if p.quant_mode == QUANT_MODE_STANDARD else torch.uint8
-    scale3 = block_rows(indexer_compress_scale.view(scale_as), geometry, p.groups)
     slots = slot_mapping.reshape(-1).long()
     rows = last_writers(slots)
     x2 = x.reshape(p.rows, p.dim)
+    if p.hifloat8:
+        step = max(1, chunk_elements // p.dim)
+        for start in range(0, rows.numel(), step):
+            r = rows[start : start + step]
+            codes = encode_hifloat8(scaled_f32(x2.index_select(0, r), p.scale))
+            block, offset = slots[r].div(geometry.block_size, rounding_mode="floor"), slots[r] % geometry.block_size
+            cache3[block, offset] = codes
+        return
+    scale_as = torch.int32 if p.quant_mode == QUANT_MODE_STANDARD else torch.uint8
+    scale3 = block_rows(indexer_compress_scale.view(scale_as), geometry, p.groups)
     step = max(1, chunk_elements // (p.groups * GROUP_SIZE))
     for start in range(0, rows.numel(), step):
         r = rows[start : start + step]

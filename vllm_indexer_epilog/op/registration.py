@@ -44,12 +44,13 @@ def _let_ascend_define_first() -> None:
 
 
 Run = Callable[..., None]
-"""A kernel body, called as the op is: `run(cache, scale, x, slot_mapping, quant_mode=..., round_scale=...)`."""
+"""A kernel body, called as `run(cache, scale, x, slot_mapping, quant_mode=..., round_scale=..., scale=...)`;
+`scale` (HiFloat8's multiplier) is 1.0 under our schema, which has no such argument."""
 
 
 def as_kernel(run: Run) -> Callable[..., None]:
-    """The dispatcher-facing kernel for `run`: the op's Python signature, plus any keyword that only a
-    foreign schema has (Ascend's `scale`, for its hifloat8 mode), accepted at its default only."""
+    """The dispatcher-facing kernel for `run`: the op's Python signature, plus Ascend's `float scale` where
+    its schema is the registered one (passed on; validation refuses it unless quant_mode=2 or it is 1.0)."""
 
     def kernel(
         indexer_compress_cache: torch.Tensor,
@@ -61,28 +62,31 @@ def as_kernel(run: Run) -> Callable[..., None]:
         **extra: Any,
     ) -> None:
         for key, value in extra.items():
-            if not (key == "scale" and value == 1.0):
+            if key != "scale":
                 raise ValueError(f"{key}={value!r} is not supported by the vllm_indexer_epilog kernels")
         run(indexer_compress_cache, indexer_compress_scale, x, slot_mapping, quant_mode=quant_mode,
-            round_scale=round_scale)
+            round_scale=round_scale, scale=extra.get("scale", 1.0))
 
     kernel.__name__ = kernel.__qualname__ = run.__name__
     return kernel
 
 
-def run_cpu(cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
-            quant_mode: int, round_scale: bool) -> None:
+def run_cpu(cache: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
+            quant_mode: int, round_scale: bool, scale: float = 1.0, promote: bool = True) -> None:
     """CPU calls that reach Python: before the compiled kernel is registered (first use on this machine),
-    or when it cannot be built. The compiled entry point runs every check itself."""
+    when it cannot be built, or a HiFloat8 `scale` that our schema cannot carry (the public wrapper). The
+    compiled entry point runs every check itself."""
     from ..backends.cpu import LIBRARY, load_cpu_kernel
 
     if load_cpu_kernel():
-        _promote_native_cpu_kernel()
-        getattr(torch.ops, LIBRARY).quantize_scatter(cache, scale, x, slot_mapping, quant_mode, round_scale)
+        if promote:
+            _promote_native_cpu_kernel()
+        getattr(torch.ops, LIBRARY).quantize_scatter(cache, scales, x, slot_mapping, quant_mode, round_scale, scale)
         return
     # No compiled kernel on this machine: the reference validates, checks the slots (strict mode included)
     # and writes each slot's last row, as the compiled kernel does.
-    reference_indexer_compress_epilog(cache, scale, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+    reference_indexer_compress_epilog(cache, scales, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale,
+                                      scale=scale)
 
 
 def _promote_native_cpu_kernel() -> None:
@@ -97,12 +101,12 @@ def _promote_native_cpu_kernel() -> None:
         register_native_kernel()
 
 
-def run_default(cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
+def run_default(cache: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor,
                 **options: Any) -> None:
     """CompositeExplicitAutograd: any device without its own kernel gets the reference; CPU gets here only
     until the compiled kernel is registered (run_cpu builds and registers it on the first call)."""
     run = run_cpu if x.device.type == "cpu" else reference_indexer_compress_epilog
-    run(cache, scale, x, slot_mapping, **options)
+    run(cache, scales, x, slot_mapping, **options)
 
 
 @functools.cache
@@ -127,10 +131,28 @@ def run_npu(*args: Any, **options: Any) -> None:
     write_split(*args, **options)
 
 
-def run_fake(cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
-             quant_mode: int, round_scale: bool) -> None:
+def run_fake(cache: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
+             quant_mode: int, round_scale: bool, scale: float = 1.0) -> None:
     # Metadata checks need no values, so tracing reports bad calls as eagerly as running them would.
-    validate_epilog_args(cache, scale, x, slot_mapping, quant_mode, round_scale)
+    validate_epilog_args(cache, scales, x, slot_mapping, quant_mode, round_scale, scale_value=scale)
+
+
+def run_with_scale(cache: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *,
+                   quant_mode: int, round_scale: bool, scale: float) -> None:
+    """The op with a HiFloat8 `scale` that the registered schema cannot carry (ours has no `scale`): the
+    kernel of x's device, called directly. The same kernels as the dispatcher's, so both entry points
+    write the same bytes."""
+    device = x.device.type
+    if device == "cpu":
+        run_cpu(cache, scales, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale, scale=scale,
+                promote=False)
+    elif device == "cuda":
+        run_cuda(cache, scales, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale, scale=scale)
+    elif device == "npu":
+        run_npu(cache, scales, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale, scale=scale)
+    else:
+        reference_indexer_compress_epilog(cache, scales, x, slot_mapping, quant_mode=quant_mode,
+                                          round_scale=round_scale, scale=scale)
 
 
 def register() -> None:

@@ -17,11 +17,18 @@ NAN_CODE = 0x7F
 
 QUANT_MODE_MX = 0
 QUANT_MODE_STANDARD = 1
+QUANT_MODE_HIFLOAT8 = 2
+"""HiFloat8 (docs/SPEC.md, docs/hifloat8.md): each element times `scale`, cast to HiF8; no group scale."""
 
 SCALE_DTYPE_BY_MODE: dict[int, torch.dtype] = {
     QUANT_MODE_MX: torch.float8_e8m0fnu,
     QUANT_MODE_STANDARD: torch.float32,
+    # Mode 2 takes a float32 [..., G] scale tensor (cann-recipes passes its scale cache) and never writes it.
+    QUANT_MODE_HIFLOAT8: torch.float32,
 }
+
+HIF8_CACHE_DTYPE = torch.uint8
+"""Mode 2's cache dtype: torch has no HiFloat8 dtype, so the bytes are the HiF8 codes."""
 
 DSV4_INDEXER_HEAD_DIM = GROUP_SIZE
 """DeepSeek-V4's index_head_dim: its FP8 indexer cache rows are one group with one scale, on every platform."""

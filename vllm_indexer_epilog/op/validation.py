@@ -10,10 +10,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 
 from .geometry import PackedGeometry, _is_fake, packed_geometry, same_storage
-from .spec import FP8_FORMATS, SCALE_DTYPE_BY_MODE, SLOT_DTYPES, X_DTYPES, Fp8Format, num_groups
+from .spec import (
+    FP8_FORMATS,
+    HIF8_CACHE_DTYPE,
+    QUANT_MODE_HIFLOAT8,
+    SCALE_DTYPE_BY_MODE,
+    SLOT_DTYPES,
+    X_DTYPES,
+    Fp8Format,
+    num_groups,
+)
 
 
 @dataclass(frozen=True)
@@ -22,9 +33,14 @@ class EpilogProblem:
 
     rows: int  # T: rows of x
     geometry: PackedGeometry  # the cache's blocks; contiguous caches are one block of N rows
-    fmt: Fp8Format
+    fmt: Fp8Format | None  # None in HiFloat8 mode (uint8 cache of HiF8 codes)
     quant_mode: int
     round_scale: bool
+    scale: float = 1.0  # the multiplier of HiFloat8 mode, already rounded to float32; 1.0 in modes 0/1
+
+    @property
+    def hifloat8(self) -> bool:
+        return self.quant_mode == QUANT_MODE_HIFLOAT8
 
     @property
     def slots(self) -> int:
@@ -49,17 +65,39 @@ def _dtype_names(dtypes: tuple[torch.dtype, ...] | list[torch.dtype]) -> str:
     return ", ".join(str(dt).removeprefix("torch.") for dt in dtypes)
 
 
-def validate_options(quant_mode: object, round_scale: object) -> None:
-    """The two keyword arguments, checked before torch's argument parser can convert them.
+def validate_options(quant_mode: object, round_scale: object, scale: object = 1.0) -> float:
+    """The keyword arguments, checked before torch's argument parser can convert them; returns `scale`
+    rounded to float32 (nearest even), as a Python float.
 
     Through `torch.ops`, the parser turns `round_scale=None` or `0` into False and `quant_mode=True` into 1
     without complaint; entry points that take Python values (the public wrapper, the reference, Triton,
     NPU) call this first so that those typos are errors rather than a silently different mode.
+
+    `scale` multiplies x in HiFloat8 mode only (Ascend's kernel applies its `scale` attribute in that mode's
+    path and nowhere else); modes 0 and 1 derive their own group scales, so any other value there is refused
+    rather than silently ignored. It must be finite once rounded to float32: an infinite scale would turn
+    every code into Inf or NaN.
     """
     if isinstance(quant_mode, bool) or not isinstance(quant_mode, int) or quant_mode not in SCALE_DTYPE_BY_MODE:
-        raise ValueError(f"quant_mode must be 0 (MX, e8m0 scales) or 1 (standard, float32 scales), got {quant_mode!r}")
+        raise ValueError(
+            f"quant_mode must be 0 (MX, e8m0 scales), 1 (standard, float32 scales) or 2 (HiFloat8), got {quant_mode!r}"
+        )
     if not isinstance(round_scale, bool):
         raise TypeError(f"round_scale must be a bool, got {round_scale!r} ({type(round_scale).__name__})")
+    if isinstance(scale, bool) or not isinstance(scale, (float, int)):
+        raise TypeError(f"scale must be a float, got {scale!r} ({type(scale).__name__})")
+    try:
+        scale_f32 = float(torch.tensor(float(scale), dtype=torch.float32).item())
+    except OverflowError:  # an int beyond float64
+        scale_f32 = math.inf
+    if not math.isfinite(scale_f32):
+        raise ValueError(f"scale must be finite as a float32, got {scale!r}")
+    if quant_mode != QUANT_MODE_HIFLOAT8 and scale != 1.0:
+        raise ValueError(
+            f"scale must be 1.0 unless quant_mode=2 (HiFloat8): modes 0 and 1 compute their own group scales; "
+            f"got {scale!r}"
+        )
+    return scale_f32
 
 
 def validate_tensor_types(
@@ -104,6 +142,7 @@ def validate_epilog_args(
     round_scale: bool,
     *,
     packed: bool | None = None,
+    scale_value: object = 1.0,
 ) -> EpilogProblem:
     """Raise TypeError/ValueError naming the offending argument; return the problem's sizes otherwise.
 
@@ -112,14 +151,20 @@ def validate_epilog_args(
     pair; otherwise they must form a packed pair, and when they do not, the first non-contiguous one is
     refused as "must be contiguous" (with the reason they are not a packed pair). `packed=True` insists on
     a packed pair (geometry.py's own errors); `packed=False` insists on contiguous tensors.
+    `scale_value` is the op's `scale` keyword (the tensor argument `scale` is indexer_compress_scale).
     """
-    validate_options(quant_mode, round_scale)
+    scale_f32 = validate_options(quant_mode, round_scale, scale_value)
     named = validate_tensor_types(cache, scale, x, slot_mapping)
 
     if x.dtype not in X_DTYPES:
         raise TypeError(f"x must have dtype {_dtype_names(X_DTYPES)}, got {x.dtype}")
     fmt = FP8_FORMATS.get(cache.dtype)
-    if fmt is None:
+    if quant_mode == QUANT_MODE_HIFLOAT8:
+        if cache.dtype != HIF8_CACHE_DTYPE:
+            raise TypeError(
+                f"indexer_compress_cache must have dtype uint8 (HiFloat8 codes) when quant_mode=2, got {cache.dtype}"
+            )
+    elif fmt is None:
         raise TypeError(f"indexer_compress_cache must have dtype {_dtype_names(list(FP8_FORMATS))}, got {cache.dtype}")
     want_scale = SCALE_DTYPE_BY_MODE[quant_mode]
     if scale.dtype != want_scale:
@@ -176,7 +221,7 @@ def validate_epilog_args(
     if slot_mapping.numel() != t_rows:
         raise ValueError(f"slot_mapping must have one element per row of x ({t_rows}), got {slot_mapping.numel()}")
     check_no_aliasing(named, packed_pair=packed)
-    return EpilogProblem(t_rows, geometry, fmt, quant_mode, round_scale)
+    return EpilogProblem(t_rows, geometry, fmt, quant_mode, round_scale, scale_f32)
 
 
 def _byte_extent(t: torch.Tensor) -> tuple[int, int]:

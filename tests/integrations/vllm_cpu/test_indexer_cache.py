@@ -22,7 +22,9 @@ from vllm_indexer_epilog.integrations.patching import Patcher, install_modules  
 from vllm_indexer_epilog.integrations.vllm_cpu_compat import ops_attention, ops_compressor  # noqa: E402
 from vllm_indexer_epilog.op.dequant import dequantize  # noqa: E402
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
-from vllm_indexer_epilog.op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE  # noqa: E402
+from vllm_indexer_epilog.op.spec import (  # noqa: E402
+    QUANT_MODE_HIFLOAT8, QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE,
+)
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 LAYOUTS = {
@@ -31,6 +33,7 @@ LAYOUTS = {
     "mx-floor-e4m3fn": IndexerLayout(E4, QUANT_MODE_MX, False),
     "standard-e5m2": IndexerLayout(E5, QUANT_MODE_STANDARD),
     "mx-round-e5m2": IndexerLayout(E5, QUANT_MODE_MX, True),
+    "hifloat8": IndexerLayout(torch.uint8, QUANT_MODE_HIFLOAT8),  # the float32 scale slot is never written
 }
 BS = 64  # compressed rows per block (vLLM's block size 256 / compress ratio 4)
 BLOCK_STRIDE = 46080  # bytes per block of the tiny config's pool (indexer page 8640 + attention page 37440)
@@ -76,13 +79,15 @@ def test_write_lands_in_the_page_views_only(name: str) -> None:
     valid = slots[slots >= 0]
     codes, scale_bytes = read_rows(kv2d, BS, valid, layout)
     assert torch.equal(codes, want_c[valid].view(torch.uint8))
-    assert torch.equal(scale_bytes, want_s[valid].view(torch.uint8).reshape(valid.numel(), -1))
+    if not layout.hifloat8:
+        assert torch.equal(scale_bytes, want_s[valid].view(torch.uint8).reshape(valid.numel(), -1))
     # Everything but the written rows' code and scale bytes is as before (the page is shared).
     touched = torch.zeros_like(raw, dtype=torch.bool).view(6, BLOCK_STRIDE)
     blk, off = valid // BS, valid % BS
     touched[blk[:, None], off[:, None] * HEAD_DIM + torch.arange(HEAD_DIM)] = True
     sb = layout.scale_bytes
-    touched[blk[:, None], BS * HEAD_DIM + off[:, None] * sb + torch.arange(sb)] = True
+    if not layout.hifloat8:  # HiFloat8 writes codes only
+        touched[blk[:, None], BS * HEAD_DIM + off[:, None] * sb + torch.arange(sb)] = True
     assert torch.equal(raw[~touched.view(-1)], before[~touched.view(-1)])
 
 
@@ -136,7 +141,7 @@ def test_reader_decodes_every_layout(name: str) -> None:
         t = torch.arange(n)
         slots = table[i].long()[t // BS] * BS + t % BS
         k_codes = values[slots // BS, slots % BS]
-        k = k_codes.double()
+        k = layout.codes_to_float32(k_codes.view(torch.uint8)).double()
         s = scales_as_float32(read_rows(kv2d, BS, slots, layout)[1], layout).double()
         want = (torch.relu(k @ q[i].double().T) * w[i].double()).sum(-1) * s
         scale = float(want.abs().max()) if n else 1.0
@@ -192,6 +197,7 @@ CONFIGS = {
     "mx-round-e4m3fn": EpilogConfig(quant_mode=QUANT_MODE_MX, round_scale=True, explicit=True),
     "mx-floor-e4m3fn": EpilogConfig(quant_mode=QUANT_MODE_MX, round_scale=False, explicit=True),
     "standard-e5m2": EpilogConfig(quant_mode=QUANT_MODE_STANDARD, fp8_dtype=E5, explicit=True),
+    "hifloat8": EpilogConfig(quant_mode=QUANT_MODE_HIFLOAT8, explicit=True),
     "off": EpilogConfig(enabled=False, explicit=True),
 }
 
@@ -244,7 +250,7 @@ def test_allocation_per_mode_keeps_vllm_block_accounting(hooked) -> None:  # noq
     assert (base.head_size, base.page_size_bytes) == (132, PAGE)
     vllm_kcc = _kv_cache_config(_tiny_specs(base))
     want_bytes = {"standard-e4m3fn": 132, "mx-round-e4m3fn": 129, "mx-floor-e4m3fn": 129, "standard-e5m2": 132,
-                  "off": 132}
+                  "hifloat8": 132, "off": 132}
     for name, config in CONFIGS.items():
         ic.activate(config)
         spec = hooked.sparse.DeepseekV4CPUIndexerCache.get_kv_cache_spec(layer, vllm_config)
@@ -299,7 +305,10 @@ def test_write_hook_matches_reference_and_vllm(hooked, name: str) -> None:  # no
     reference_indexer_compress_epilog(want_c, want_s, comp.rows, torch.arange(slots.numel()),
                                       quant_mode=layout.quant_mode, round_scale=layout.round_scale)
     assert torch.equal(codes, want_c.view(torch.uint8))
-    assert torch.equal(scale_bytes, want_s.view(torch.uint8).view(slots.numel(), -1))
+    if layout.hifloat8:  # the scale slots keep the pool's bytes
+        assert torch.equal(scale_bytes, read_rows(pool(4)[1], BS, slots, layout)[1])
+    else:
+        assert torch.equal(scale_bytes, want_s.view(torch.uint8).view(slots.numel(), -1))
     if name == "mx-round-e4m3fn":
         assert torch.equal(codes, vcodes)
         assert torch.equal(scales_as_float32(scale_bytes, layout), scales_as_float32(vscale, VLLM_LAYOUT))

@@ -105,7 +105,7 @@ def activate(config: EpilogConfig) -> None:
     rec = indexer_debug.recorder
     if rec.active:
         rec.configure(site=SITE, enabled=config.enabled, mode=config.mode_name, round_scale=config.round_scale,
-                      fp8=str(config.fp8_dtype).removeprefix("torch."))
+                      fp8=config.code_format)
 
 
 def _ensure_active(vllm_config: Any) -> None:
@@ -191,7 +191,7 @@ def _patch_write(patcher: Patcher, compressor: Any) -> list[str]:
                 rec.capture({"kind": "write", "x": rows.rows.clone(), "slots": rows.kv_slots.clone(),
                              "codes": codes, "scale_bytes": scale_bytes, "vllm_codes": vllm_codes,
                              "vllm_scale": vllm_scale, "mode": layout.quant_mode, "round_scale": layout.round_scale,
-                             "fp8": str(layout.fp8_dtype).removeprefix("torch."), "writer": writer})
+                             "fp8": layout.code_format, "writer": writer})
 
     patcher.set(compressor, "compress_norm_rope_store_indexer_cpu", compress_norm_rope_store_indexer_cpu, WRITE_SITE)
     return ["indexer_cache: hooked cpu_compressor.compress_norm_rope_store_indexer_cpu"]

@@ -10,6 +10,12 @@ FP8 codes, then every row's scale. vLLM writes e4m3fn codes and float32 scales `
 |----------|----------------|-----------------------------|-------------|
 | standard | e4m3fn or e5m2 | float32 `amax / FMAX`       | 132         |
 | mx       | e4m3fn or e5m2 | float8_e8m0fnu (power of 2) | 129         |
+| hifloat8 | HiF8 (uint8)   | float32 slot, never written | 132         |
+
+HiFloat8 (quant_mode=2, scale 1.0) has no per-row scale, but its page keeps vLLM's shape: 128 code bytes, then a
+4-byte scale slot per row, so the page size (8640 B for 64 rows, 576 B aligned) and vLLM's KV-cache plan are
+unchanged. The op validates the slot as its float32 scale tensor and never writes it; the reader never reads it
+(every key's scale is 1.0), so whatever bytes vLLM left there do not matter.
 
 The codes and scales of a page are exactly the op's packed-block pair (op/geometry.py): values
 `[blocks, block_size, 128]` and scales `[blocks, block_size, 1]`, two strided views of one buffer, scales right
@@ -25,9 +31,9 @@ import torch
 from ... import indexer_compress_epilog
 from ...op.dequant import mx_scales_to_float32
 from ...op.spec import DSV4_INDEXER_HEAD_DIM as HEAD_DIM
-from ...op.spec import QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
+from ...op.spec import HIF8_CACHE_DTYPE, QUANT_MODE_HIFLOAT8, QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
 from ..config import EpilogConfig
-from .scoring import fp8_to_float32, paged_logits, row_view
+from .scoring import fp8_to_float32, hif8_to_float32, paged_logits, row_view
 
 VLLM_ROW_BYTES = HEAD_DIM + 4  # vLLM's own row: e4m3fn codes + float32 scale
 
@@ -36,13 +42,27 @@ VLLM_ROW_BYTES = HEAD_DIM + 4  # vLLM's own row: e4m3fn codes + float32 scale
 class IndexerLayout:
     """One format of the indexer cache rows."""
 
-    fp8_dtype: torch.dtype
+    fp8_dtype: torch.dtype  # the codes' dtype: uint8 for HiFloat8
     quant_mode: int
     round_scale: bool = True
 
     @classmethod
     def of(cls, config: EpilogConfig) -> "IndexerLayout":
+        if config.quant_mode == QUANT_MODE_HIFLOAT8:
+            return cls(HIF8_CACHE_DTYPE, QUANT_MODE_HIFLOAT8, config.round_scale)
         return cls(config.fp8_dtype, config.quant_mode, config.round_scale)
+
+    @property
+    def hifloat8(self) -> bool:
+        return self.quant_mode == QUANT_MODE_HIFLOAT8
+
+    @property
+    def code_format(self) -> str:
+        return "hifloat8" if self.hifloat8 else str(self.fp8_dtype).removeprefix("torch.")
+
+    def codes_to_float32(self, codes: torch.Tensor) -> torch.Tensor:
+        """Exact float32 values of code bytes (a 256-entry table for every format)."""
+        return hif8_to_float32(codes) if self.hifloat8 else fp8_to_float32(codes, self.fp8_dtype)
 
     @property
     def scale_dtype(self) -> torch.dtype:
@@ -96,7 +116,10 @@ def write_rows(
 
 
 def scales_as_float32(scale_bytes: torch.Tensor, layout: IndexerLayout) -> torch.Tensor:
-    """Raw scale bytes `[..., scale_bytes]` as float32 `[...]`: e8m0 expanded exactly (2^(byte-127))."""
+    """Raw scale bytes `[..., scale_bytes]` as float32 `[...]`: e8m0 expanded exactly (2^(byte-127)); HiFloat8
+    keys have none (the op's scale is 1.0): ones, whatever the never-written slot holds."""
+    if layout.hifloat8:
+        return torch.ones(scale_bytes.shape[:-1], dtype=torch.float32, device=scale_bytes.device)
     if layout.quant_mode == QUANT_MODE_MX:
         return mx_scales_to_float32(scale_bytes[..., 0])
     return scale_bytes.contiguous().view(torch.float32)[..., 0]
@@ -116,7 +139,8 @@ def paged_mqa_logits(
     relu(q[b, h] . k[t]) for t < seq_lens[b], -inf beyond.
 
     `kvcache` is vLLM's uint8 `[pages, page bytes]` view (page stride = stride(0)); each page holds block_size
-    rows of 128 codes (`layout.fp8_dtype`), then block_size scales (float32, or e8m0 expanded exactly). vLLM's
+    rows of 128 codes (`layout.fp8_dtype`, or HiF8), then block_size scales (float32, or e8m0 expanded exactly;
+    HiFloat8: 1.0). vLLM's
     own layout (`VLLM_LAYOUT`) is the compat layer's op of that name.
     """
     d = q_fp8.shape[-1]
@@ -130,7 +154,7 @@ def paged_mqa_logits(
     k_scales = row_view(kvcache, block_size, sb, block_size * d)
 
     def gather(phys: torch.Tensor, off: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = fp8_to_float32(k_rows[phys, off].view(torch.uint8), layout.fp8_dtype)
+        codes = layout.codes_to_float32(k_rows[phys, off].view(torch.uint8))
         return codes, scales_as_float32(k_scales[phys, off].view(torch.uint8), layout)
 
     return paged_logits(fp8_to_float32(q_fp8), weight, seq_lens, page_table, block_size, max_seq_len, gather)

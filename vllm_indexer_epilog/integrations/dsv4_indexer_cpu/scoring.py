@@ -26,6 +26,15 @@ def fp8_to_float32(b: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) ->
     return table.index_select(0, idx.reshape(-1)).view(b.shape)
 
 
+def hif8_to_float32(b: torch.Tensor) -> torch.Tensor:
+    """float32 values of HiFloat8 codes (uint8), same shape: the exact 256-entry table of op/hifloat8.py (equal
+    to en-dtypes' decode; NaN for 0x80, +/-Inf for 0x6F/0xEF)."""
+    from ...op.hifloat8 import HIF8_DECODE_TABLE
+
+    idx = b.view(torch.uint8).to(torch.int32)
+    return HIF8_DECODE_TABLE.index_select(0, idx.reshape(-1)).view(b.shape)
+
+
 def row_view(cache_2d: torch.Tensor, rows: int, width: int, offset: int) -> torch.Tensor:
     """[blocks, rows, width]-byte strided view of each block starting `offset` bytes in.
 

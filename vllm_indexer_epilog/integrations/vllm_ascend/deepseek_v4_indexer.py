@@ -99,6 +99,10 @@ def _activate(layer: Any, vllm_config: Any, on_a5: bool) -> EpilogConfig | None:
         refuse(config, SITE, "Ascend A2/A3 keep it as int8 keys with float16 scales for the int8 lightning "
                "indexer; no NPU reader of FP8 indexer keys exists there")
         return None
+    if config.hifloat8:
+        refuse(config, SITE, "no vllm-ascend site reads HiFloat8 indexer keys (the A5 lightning indexer reads "
+               "float8_e4m3fn keys with float32 scales)")
+        return None
     if config.fp8_dtype != torch.float8_e4m3fn:
         raise EpilogConfigError(
             f"indexer_epilog.fp8_dtype={config.fp8_dtype}: the A5 lightning indexer "

@@ -174,6 +174,9 @@ def _why_not(layer: Any, config: EpilogConfig, sfa: Any, base_gather: dict[str, 
     if getattr(layer, "c8_k_cache_dtype", None) != torch.float8_e4m3fn:
         return ("Ascend A2/A3 keep LI-C8 keys as int8 with float16 scales for the int8 lightning indexer; "
                 "no NPU reader of FP8 indexer keys exists there")
+    if config.hifloat8:
+        return ("no vllm-ascend site reads HiFloat8 keys: the lightning indexer reads LI-C8 keys as "
+                "float8_e4m3fn with float32 scales")
     if config.quant_mode == QUANT_MODE_MX:
         return ("the lightning indexer reads LI-C8 key scales as float32 straight from the cache; "
                 "no NPU reader of e8m0 scales exists on this path (use quant_mode \"standard\")")

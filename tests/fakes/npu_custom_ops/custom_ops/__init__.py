@@ -17,7 +17,9 @@ def _kernel(cache, scale_t, x, slot_mapping, quant_mode=1, round_scale=True, sca
     CALLS.append({"slots": slot_mapping.clone(), "quant_mode": quant_mode, "round_scale": round_scale, "scale": scale})
     from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
 
-    reference_indexer_compress_epilog(cache, scale_t, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale)
+    # HiFloat8 (quant_mode=2): the real kernel saturates (docs/hifloat8.md); the stand-in computes SPEC's cast.
+    reference_indexer_compress_epilog(cache, scale_t, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale,
+                                      scale=scale)
 
 
 for _key in ("PrivateUse1", "CPU"):

@@ -1,10 +1,12 @@
 """The Triton kernel's bytes on an arithmetic unit like Ascend's vector unit, emulated under TRITON_INTERPRET=1.
 
-Ascend's vector `Div` is documented (asc-devkit 9.1.0) as within 1 ulp, flushing subnormals to zero, and
-triton-ascend lowers `/` and `div_rn` to it. The emulated unit (patched into the interpreter's builder):
+Ascend's vector `Div` is documented (asc-devkit 9.1.0) as within 1 ulp, flushing subnormals to zero;
+triton-ascend lowers `/` and `div_rn` to it, and `tl.fma` to a multiply and an add. The kernel's only float
+op is one such division (the rest is integer), but the emulated unit (patched into the interpreter's
+builder) covers every float op anyway:
 - division (`/`, `div_rn`): the correctly rounded float32 quotient moved by an adversarial error: one ulp up,
   one ulp down, or per element at random within 1 (and, for CUDA's `div.full.f32`, 2) ulps;
-- multiplication, addition, subtraction and FMA: correctly rounded (one rounding for FMA);
+- multiplication, addition, subtraction and FMA: correctly rounded;
 - every one of them flushes subnormal inputs and subnormal results to (signed) zero.
 The kernel must give the reference's bytes anyway: over every golden vector and over random bit patterns
 (all binades, float32 subnormals, groups whose standard-mode scale is subnormal or rounds to 0, Inf/NaN), for
@@ -138,8 +140,16 @@ def test_old_formulation_fails_under_the_unit(monkeypatch) -> None:
 # --- the kernel's bytes under it -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
-@pytest.mark.parametrize("path", GOLDEN_FILES, ids=[p.stem for p in GOLDEN_FILES])
+# The two d = 4096 vectors take seconds per run under the interpreter: there, the per-element random errors of
+# up to 2 ulps (both directions in one run) only.
+_GOLDEN_RUNS = [
+    pytest.param(path, direction, id=f"{path.stem}-{direction}")
+    for path in GOLDEN_FILES
+    for direction in (("random2",) if path.stem.startswith("d4096") else DIRECTIONS)
+]
+
+
+@pytest.mark.parametrize("path,direction", _GOLDEN_RUNS)
 def test_golden_bytes_on_inexact_unit(path, direction, monkeypatch) -> None:
     g = load_golden(path)
     InexactUnit(direction, seed=len(path.stem)).install(monkeypatch)
@@ -171,7 +181,7 @@ def adversarial_x(t: int, d: int, dtype: torch.dtype, seed: int) -> torch.Tensor
     return torch.from_numpy(raw).view(dtype)
 
 
-@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("direction", ("up", "down", "random2"))
 @pytest.mark.parametrize("x_dtype", X_DTYPES, ids=str)
 @pytest.mark.parametrize("cache_dtype", CACHE_DTYPES, ids=str)
 @pytest.mark.parametrize("mode", MODES, ids=[m.name for m in MODES])

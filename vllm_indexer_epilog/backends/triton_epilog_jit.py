@@ -4,18 +4,19 @@ No torch import, so scripts/ascend_lower.py can load this file by path in triton
 and this package's other modules need not exist). The launchers live in triton_kernel.py (CUDA, and the CPU
 interpreter) and npu.py (torch_npu).
 
-Exactness without IEEE division or subnormals (docs/ascend-triton.md has the proof sketch). Ascend's vector
-`Div` is documented as within 1 ulp and flushing subnormals, so nothing here relies on a correctly rounded
-division, and no float op sees or makes a subnormal:
-- x is loaded as raw bits and widened to float32 bits with integer ops (an FTZ unit's fp16/bf16 -> fp32 cast
-  could flush subnormal inputs); amax is an integer max of magnitudes.
-- every quotient the contract asks for (amax / FMAX, x / S, floored amax / FMAX) is taken between two
-  mantissas in [1, 2): `_div_bracket` gets a reciprocal from the unit (any error up to a few ulps is fine),
-  refines it once with an FMA residual, and then finds c <= a/b < next(c) and where a/b lies against c's
-  midpoint from the signs of two FMA residuals, which are exact there. Only the FMA's single rounding of a
-  normal result is relied on.
-- `_compose` then rounds that exactly known quotient, times 2^e, to float32 bits in integer arithmetic, float32
-  subnormal results included (a standard-mode scale may be one), and the FP8 encode is integer as before.
+Exactness without IEEE float arithmetic (docs/ascend-triton.md has the proof sketch and what was measured).
+Ascend's vector `Div` is documented as within 1 ulp and flushing subnormals to zero, and triton-ascend 3.2.0
+lowers `tl.fma` to a separate multiply and add (two roundings), so the kernel relies on no float op being
+correctly rounded, fused or subnormal-aware. Its one float op is a division of two floats in [1, 2), whose
+result may be off by up to MAX_DIV_ULPS ulps; everything else is 32-bit integer arithmetic:
+- x is loaded as raw bits and widened to float32 bits with integer ops; amax is an integer max of magnitudes;
+  a subnormal's mantissa is normalised by an integer leading-zero count.
+- a quotient a / b (amax / FMAX, x / S, floored amax / FMAX) is taken between 24-bit mantissas A, B: the unit's
+  float quotient gives a first guess V of floor(A * 2^24 / B), and MAX_DIV_ULPS steps move it to the exact
+  value, each step comparing A * 2^24 with V * B exactly (a 48-bit product in 12-bit limbs); one more
+  comparison places the quotient against V + 1/2.
+- `_round_bits` rounds that exactly known quotient, times 2^e, to float32 bits: one round to nearest even,
+  float32 subnormal results included (a standard-mode scale may be one). The FP8 encode is integer as before.
 - scales are stored as int32 bits (a float store path could flush a subnormal scale).
 """
 
@@ -47,6 +48,24 @@ def encode_fp8(
     return tl.where(mag > 0x7F800000, NAN, code)
 
 
+MAX_DIV_ULPS = 2
+"""Error of the unit's float32 division (operands in [1, 2)) that the kernel corrects: Ascend's Div is
+documented within 1 ulp, CUDA's default `div.full.f32` within 2."""
+
+
+@triton.jit
+def _normalize(m):
+    """(m << n, n) for 0 < m < 2^24 with bit 23 of the result set: a leading-zero count in integer steps, so
+    subnormals never meet a float unit."""
+    n = tl.zeros_like(m)
+    for step in tl.static_range(5):
+        s: tl.constexpr = 16 >> step
+        low = m < (1 << (24 - s))
+        m = tl.where(low, m << s, m)
+        n = n + tl.where(low, s, 0)
+    return m, n
+
+
 @triton.jit
 def widen_bits(h, X_FMT: tl.constexpr):
     """float32 bits of x's elements, loaded as raw bits (X_FMT 0: float32, 1: bfloat16, 2: float16)."""
@@ -61,66 +80,72 @@ def widen_bits(h, X_FMT: tl.constexpr):
         sign = (h32 & 0x8000) << 16
         normal = ((e5 + 112) << 23) | (m10 << 13)
         special = 0x7F800000 | (m10 << 13)
-        # A float16 subnormal m10 * 2^-24 is a float32 normal: float(m10) is exact, and its exponent field
-        # lowered by 24 divides it by 2^24 without a float op.
-        sub = tl.where(m10 == 0, 0, m10.to(tl.float32).to(tl.int32, bitcast=True) - (24 << 23))
+        # A float16 subnormal m10 * 2^-24 is a float32 normal.
+        mn, n = _normalize(tl.maximum(m10, 1))  # m10 * 2^-24 = (mn * 2^-23) * 2^(-1 - n)
+        sub = tl.where(m10 == 0, 0, ((126 - n) << 23) | (mn & 0x7FFFFF))
         return sign | tl.where(e5 == 0x1F, special, tl.where(e5 == 0, sub, normal))
 
 
 @triton.jit
 def _decompose(mag):
-    """A positive finite non-zero float32 magnitude (bits) as (m, e): value = m * 2^e, m a float in [1, 2)."""
+    """A positive finite non-zero float32 magnitude (bits) as (M, e): value = M * 2^(e - 23), 2^23 <= M < 2^24."""
     expf = mag >> 23
-    # A subnormal's fraction field f is the integer f * 2^-149: float(f) is exact and normal.
-    f = (mag & 0x7FFFFF).to(tl.float32).to(tl.int32, bitcast=True)
+    mn, n = _normalize(tl.maximum(mag & 0x7FFFFF, 1))
     sub = expf == 0
-    frac = tl.where(sub, f & 0x7FFFFF, mag & 0x7FFFFF)
-    e = tl.where(sub, (f >> 23) - 127 - 149, expf - 127)
-    return (frac | (127 << 23)).to(tl.float32, bitcast=True), e
+    return tl.where(sub, mn, (mag & 0x7FFFFF) | 0x800000), tl.where(sub, -126 - n, expf - 127)
 
 
 @triton.jit
-def _div_bracket(a, b):
-    """For a, b in [1, 2): (c, d) with c <= a/b < next(c) (c a float in (1/2, 2)) and d where a/b lies:
-    0 equal to c; 1, 2, 3 below, at, above the midpoint of c and next(c).
-
-    y may be off by a few ulps; q1 is then within 1/2 ulp plus ~2^-45 relative of a/b, so c is q1 or the
-    float below it. Residuals a - c*b with |c - a/b| <= 1 ulp are exact in float32 (multiples of 2^-47 under
-    2^-23), so their sum has the sign of a/b - midpoint. All values here are normal (|residual| >= 2^-48 or 0).
-    """
-    y = 1.0 / b
-    q0 = a * y
-    q1 = tl.fma(tl.fma(-q0, b, a), y, q0)
-    r1 = tl.fma(-q1, b, a)
-    below = r1 < 0.0
-    c = tl.where(below, (q1.to(tl.int32, bitcast=True) - 1).to(tl.float32, bitcast=True), q1)
-    rc = tl.where(below, tl.fma(-c, b, a), r1)
-    rn = tl.fma(-(c.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), b, a)
-    mid = rc + rn
-    d = tl.where(rc == 0.0, 0, tl.where(mid < 0.0, 1, tl.where(mid == 0.0, 2, 3)))
-    return c, d
+def _cmp_mul(a2, k, b):
+    """Sign (-1, 0, 1) of a2 * 2^24 - k * b, exactly, in int32: a2 < 2^26, k < 2^27, b < 2^24."""
+    kh = k >> 12
+    kl = k & 0xFFF
+    bh = b >> 12
+    bl = b & 0xFFF
+    mid = kh * bl + kl * bh
+    lo = ((mid & 0xFFF) << 12) + kl * bl
+    hi = kh * bh + (mid >> 12) + (lo >> 24)
+    dh = a2 - hi
+    return tl.where(dh > 0, 1, tl.where(dh < 0, -1, -((lo & 0xFFFFFF) != 0).to(tl.int32)))
 
 
 @triton.jit
-def _compose(c, d, e):
-    """float32 bits of the exact value described by (c, d) from _div_bracket, times 2^e: one round to nearest
-    even, float32 subnormals and zero included, Inf above the range."""
-    cb = c.to(tl.int32, bitcast=True)
-    t = ((cb & 0x7FFFFF) | 0x800000) * 4 + d  # a/b in quarter ulps of c: same order against every grid point
-    biased = (cb >> 23) + e
-    sh = tl.minimum(2 + tl.maximum(1 - biased, 0), 28)
+def _quotient(a, b, MAX_DIV_ULPS: tl.constexpr):
+    """a / b for 24-bit mantissas (2^23 <= a, b < 2^24) as 4 * V + d: V = floor(a * 2^24 / b) (2^23 < V < 2^25)
+    and d = 0 if that is exact, else 1, 2, 3 for below, at, above V + 1/2: the quotient in quarter units
+    of 2^-24, ordered like the exact one against every point of the 2^-25 grid."""
+    # The unit's quotient of two floats in [1, 2), within MAX_DIV_ULPS ulps: a first guess only.
+    q = (a | (127 << 23)).to(tl.float32, bitcast=True) / (b | (127 << 23)).to(tl.float32, bitcast=True)
+    qb = q.to(tl.int32, bitcast=True)
+    qe = tl.minimum(tl.maximum((qb >> 23) - 126, 0), 2)  # q in [1/2, 1): 0, [1, 2): 1, 2: 2
+    v = ((qb & 0x7FFFFF) | 0x800000) << qe
+    v = tl.minimum(tl.maximum(v, 1 << 23), (1 << 25) - 1)
+    # Each guess of floor(.) at most one float32 ulp (two grid steps) off moves back in one step of each kind.
+    for _ in tl.static_range(2 * MAX_DIV_ULPS):
+        v = tl.where(_cmp_mul(a, v, b) < 0, v - 1, tl.where(_cmp_mul(a, v + 1, b) >= 0, v + 1, v))
+    exact = _cmp_mul(a, v, b) == 0
+    half = _cmp_mul(2 * a, 2 * v + 1, b)
+    return 4 * v + tl.where(exact, 0, half + 2)
+
+
+@triton.jit
+def _round_bits(t4, e):
+    """float32 bits of t4 * 2^(e - 26) (2^25 <= t4 < 2^27): one round to nearest even, float32 subnormals and
+    zero included, Inf above the range."""
+    top = (t4 >> 26) & 1  # the leading bit is bit 25 + top
+    biased = 126 + top + e
+    sh = tl.minimum(2 + top + tl.maximum(1 - biased, 0), 30)
     # The mantissa's hidden bit lands on the exponent field: a carry from rounding moves to the next binade.
-    bits = ((tl.maximum(biased, 1) - 1) << 23) + _rne_shift(t, sh)
+    bits = ((tl.maximum(biased, 1) - 1) << 23) + _rne_shift(t4, sh)
     return tl.where(biased > 254, 0x7F800000, tl.minimum(bits, 0x7F800000))
 
 
 @triton.jit
-def exact_quotient(a_mag, b_mag):
+def exact_quotient(a_mag, b_mag, MAX_DIV_ULPS: tl.constexpr):
     """float32 bits of a / b correctly rounded (a, b positive finite non-zero float32 bits)."""
     ma, ea = _decompose(a_mag)
     mb, eb = _decompose(b_mag)
-    c, d = _div_bracket(ma, mb)
-    return _compose(c, d, ea - eb)
+    return _round_bits(_quotient(ma, mb, MAX_DIV_ULPS), ea - eb)
 
 
 @triton.jit
@@ -133,7 +158,7 @@ def epilog_kernel(
     MODE: tl.constexpr,  # 0 standard, 1 MX ceil (round_scale), 2 MX floor (OCP)
     X_FMT: tl.constexpr,  # x loaded as bits: 0 float32 (int32), 1 bfloat16, 2 float16 (int16)
     MX_F32_SCALE: tl.constexpr,  # MX only: store 2^e as float32 bits (int32 slots) instead of the e8m0 byte
-    BLOCK_P: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr,
+    BLOCK_P: tl.constexpr, GROUP: tl.constexpr, PACKED: tl.constexpr, MAX_DIV_ULPS: tl.constexpr,
 ):
     """cache_ptr is uint8; scale_ptr is int32 (float32 bits) in standard mode and with MX_F32_SCALE, else uint8."""
     pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -158,25 +183,24 @@ def epilog_kernel(
     finite = mag < 0x7F800000
     # Non-negative floats order like their bits; Inf/NaN are left out of the amax.
     amax_bits = tl.max(tl.where(finite, mag, 0), axis=1)
-    # Operands of every division: x's magnitude (1 where it takes no part, to keep the unit's inputs normal).
+    # x's mantissa and exponent (taken from 1.0 where x is 0, Inf or NaN: those are not divided).
     xm, xe = _decompose(tl.where(finite & (mag != 0), mag, 0x3F800000))
     fmax = tl.full([BLOCK_P], FMAX_BITS, tl.int32)
     if MODE == 0:
-        s = tl.where(amax_bits == 0, 0, exact_quotient(tl.maximum(amax_bits, 1), fmax))
+        s = tl.where(amax_bits == 0, 0, exact_quotient(tl.maximum(amax_bits, 1), fmax, MAX_DIV_ULPS))
         sm, se = _decompose(tl.maximum(s, 1))
-        c, d = _div_bracket(xm, sm[:, None])
-        q = _compose(c, d, xe - se[:, None])
+        q = _round_bits(_quotient(xm, sm[:, None], MAX_DIV_ULPS), xe - se[:, None])
         q = tl.where(finite & (mag != 0), q, mag)
         tl.store(scale_ptr + scale_row + grp, s, mask=ok)
     else:
         floored = tl.maximum(amax_bits, FLOOR_BITS)
         if MODE == 1:
-            r = exact_quotient(floored, fmax)
+            r = exact_quotient(floored, fmax, MAX_DIV_ULPS)
             e = (r >> 23) - 127 + ((r & 0x7FFFFF) != 0).to(tl.int32)
         else:
             e = (floored >> 23) - 127 - EMAX
-        # x / 2^e is x's own mantissa at exponent xe - e: _compose rounds it (d = 0) only if it is subnormal.
-        q = _compose(xm, tl.zeros_like(xe), xe - e[:, None])
+        # x / 2^e is x's own mantissa at exponent xe - e: _round_bits rounds it only if it is subnormal.
+        q = _round_bits(xm << 3, xe - e[:, None])
         q = tl.where(finite & (mag != 0), q, mag)
         if MX_F32_SCALE:
             tl.store(scale_ptr + scale_row + grp, (e + 127) << 23, mask=ok)

@@ -20,7 +20,7 @@ import torch
 from .. import envs
 from ..op.spec import GROUP_SIZE, MX_AMAX_FLOOR, NAN_CODE, QUANT_MODE_STANDARD
 from ..op.validation import EpilogProblem, check_slot_range, validate_epilog_args
-from .triton_epilog_jit import epilog_kernel
+from .triton_epilog_jit import MAX_DIV_ULPS, epilog_kernel
 
 _X_FMT = {torch.float32: (0, torch.int32), torch.bfloat16: (1, torch.int16), torch.float16: (2, torch.int16)}
 
@@ -93,5 +93,5 @@ def launch(
         MANT=fmt.mantissa_bits, BIAS=fmt.exponent_bias, MAX_CODE=fmt.max_code,
         FMAX_BITS=_f32_bits(fmt.fmax), EMAX=fmt.emax, NAN=NAN_CODE, FLOOR_BITS=_f32_bits(MX_AMAX_FLOOR), MODE=mode,
         X_FMT=x_fmt, MX_F32_SCALE=mx_float32_scale,
-        BLOCK_P=block_p, GROUP=GROUP_SIZE, PACKED=p.packed, num_warps=num_warps,
+        BLOCK_P=block_p, GROUP=GROUP_SIZE, PACKED=p.packed, MAX_DIV_ULPS=MAX_DIV_ULPS, num_warps=num_warps,
     )

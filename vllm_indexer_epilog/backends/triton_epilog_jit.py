@@ -54,16 +54,20 @@ documented within 1 ulp, CUDA's default `div.full.f32` within 2."""
 
 
 @triton.jit
+def _normalize_step(m, n, S: tl.constexpr):
+    low = m < (1 << (24 - S))
+    return tl.where(low, m << S, m), tl.where(low, n + S, n)
+
+
+@triton.jit
 def _normalize(m):
     """(m << n, n) for 0 < m < 2^24 with bit 23 of the result set: a leading-zero count in integer steps, so
     subnormals never meet a float unit."""
-    n = tl.zeros_like(m)
-    for step in tl.static_range(5):
-        s: tl.constexpr = 16 >> step
-        low = m < (1 << (24 - s))
-        m = tl.where(low, m << s, m)
-        n = n + tl.where(low, s, 0)
-    return m, n
+    m, n = _normalize_step(m, tl.zeros_like(m), 16)
+    m, n = _normalize_step(m, n, 8)
+    m, n = _normalize_step(m, n, 4)
+    m, n = _normalize_step(m, n, 2)
+    return _normalize_step(m, n, 1)
 
 
 @triton.jit
@@ -79,7 +83,7 @@ def widen_bits(h, X_FMT: tl.constexpr):
         m10 = h32 & 0x3FF
         sign = (h32 & 0x8000) << 16
         normal = ((e5 + 112) << 23) | (m10 << 13)
-        special = 0x7F800000 | (m10 << 13)
+        special = (m10 << 13) | 0x7F800000
         # A float16 subnormal m10 * 2^-24 is a float32 normal.
         mn, n = _normalize(tl.maximum(m10, 1))  # m10 * 2^-24 = (mn * 2^-23) * 2^(-1 - n)
         sub = tl.where(m10 == 0, 0, ((126 - n) << 23) | (mn & 0x7FFFFF))

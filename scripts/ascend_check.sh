@@ -40,6 +40,7 @@ SHIM
 fi
 
 export PATH="$VENV/shim:$PATH"
+unset TRITON_INTERPRET PYTHONPATH  # a compile, not the interpreter (the test venv's setting must not leak in)
 TRITON_CACHE_DIR="$(mktemp -d)"  # a fresh cache: every variant really compiles
 export TRITON_CACHE_DIR
 trap 'rm -rf "$TRITON_CACHE_DIR"' EXIT

@@ -199,3 +199,65 @@ def test_random_bits_on_inexact_unit(mode, cache_dtype, x_dtype, direction, monk
     _triton(got_c, got_s, x, slots, quant_mode=quant_mode, round_scale=round_scale)
     np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s))
     np.testing.assert_array_equal(as_bytes(got_c), as_bytes(want_c))
+
+
+_EDGE_DIRECTIONS = ("up", "down", "up2", "down2", "random2")
+
+
+def _quotient_kernel():
+    # Built at call time (Triton may be absent); the interpreter resolves the kernel's globals in this module.
+    import triton
+    import triton.language as tl
+
+    from vllm_indexer_epilog.backends.triton_epilog_jit import exact_quotient
+
+    globals()["exact_quotient"] = exact_quotient
+
+    @triton.jit
+    def quotient_kernel(a_ptr, b_ptr, o_ptr, N: tl.constexpr, ULPS: tl.constexpr):
+        i = tl.arange(0, N)
+        tl.store(o_ptr + i, exact_quotient(tl.load(a_ptr + i), tl.load(b_ptr + i), ULPS))
+
+    return quotient_kernel
+
+
+def _edge_pairs(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 bit pairs (a, b) whose quotient sits at the edges of _quotient's guess: mantissa ratios next to
+    1/2, 1 and 2, equal mantissas, results in the subnormal range and next to it, and random bits."""
+    rng = np.random.default_rng(seed)
+    m_lo, m_hi = 0, 0x7FFFFF
+    mants = [(m_lo, m_hi), (m_lo, m_hi - 1), (m_lo, m_hi - 2), (m_hi, m_lo), (m_hi, m_lo + 1), (m_hi - 1, m_lo),
+             (m_lo, m_lo), (m_hi, m_hi), (1, 0), (0, 1), (0x400000, 0x3FFFFF), (0x3FFFFF, 0x400000)]
+    a, b = [], []
+    for ma, mb in mants:
+        for ea, eb in ((127, 127), (1, 127), (1, 150), (20, 150), (0, 127), (60, 130), (127, 254), (254, 1)):
+            a.append((ea << 23) | ma)
+            b.append((eb << 23) | mb)
+    r = rng.integers(1, 0x7F800000, (2, 512))
+    a.extend(r[0]), b.extend(r[1])
+    a, b = np.array(a, np.int64), np.array(b, np.int64)
+    keep = ((a & 0x7FFFFFFF) != 0) & ((b & 0x7FFFFFFF) != 0)
+    return a[keep].astype(np.int32), b[keep].astype(np.int32)
+
+
+@pytest.mark.parametrize("direction", _EDGE_DIRECTIONS)
+def test_exact_quotient_on_edge_operands(direction, monkeypatch) -> None:
+    """exact_quotient alone (the scale's amax / FMAX and, through the same _quotient, x / S) against the
+    correctly rounded float32 quotient, float32 subnormals and Inf included, with the unit's division up to
+    2 ulps off in a fixed direction or at random."""
+    from vllm_indexer_epilog.backends.triton_epilog_jit import MAX_DIV_ULPS
+
+    a, b = _edge_pairs(7)
+    n = 1 << int(np.ceil(np.log2(len(a))))
+    pa, pb = np.full(n, 0x3F800000, np.int32), np.full(n, 0x3F800000, np.int32)
+    pa[: len(a)], pb[: len(b)] = a, b
+    with np.errstate(over="ignore"):  # float64 -> float32 overflow is the Inf expected
+        want = (pa.view(np.float32).astype(np.float64) / pb.view(np.float32).astype(np.float64)).astype(np.float32)
+    unit = InexactUnit("random2" if direction == "random2" else direction.rstrip("2"), seed=3)
+    if direction in ("up2", "down2"):
+        base = unit._perturb
+        unit._perturb = lambda q: base(base(q))
+    unit.install(monkeypatch)
+    out = torch.empty(n, dtype=torch.int32)
+    _quotient_kernel()[(1,)](torch.from_numpy(pa), torch.from_numpy(pb), out, N=n, ULPS=MAX_DIV_ULPS)
+    np.testing.assert_array_equal(out.numpy(), want.view(np.int32))

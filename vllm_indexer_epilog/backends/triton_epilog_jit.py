@@ -12,8 +12,8 @@ result may be off by up to MAX_DIV_ULPS ulps; everything else is 32-bit integer 
 - x is loaded as raw bits and widened to float32 bits with integer ops; amax is an integer max of magnitudes;
   a subnormal's mantissa is normalised by an integer leading-zero count.
 - a quotient a / b (amax / FMAX, x / S, floored amax / FMAX) is taken between 24-bit mantissas A, B: the unit's
-  float quotient gives a first guess V of floor(A * 2^24 / B), and MAX_DIV_ULPS steps move it to the exact
-  value, each step comparing A * 2^24 with V * B exactly (a 48-bit product in 12-bit limbs); one more
+  float quotient gives a first guess V of floor(A * 2^24 / B), and 2 * MAX_DIV_ULPS + 1 steps move it to the
+  exact value, each step comparing A * 2^24 with V * B exactly (a 48-bit product in 12-bit limbs); one more
   comparison places the quotient against V + 1/2.
 - `_round_bits` rounds that exactly known quotient, times 2^e, to float32 bits: one round to nearest even,
   float32 subnormal results included (a standard-mode scale may be one). The FP8 encode is integer as before.
@@ -49,8 +49,8 @@ def encode_fp8(
 
 
 MAX_DIV_ULPS = 2
-"""Error of the unit's float32 division (operands in [1, 2)) that the kernel corrects: Ascend's Div is
-documented within 1 ulp, CUDA's default `div.full.f32` within 2."""
+"""Error of the unit's float32 division (operands in [1, 2)) that the kernel corrects, in ulps away from the
+correctly rounded quotient: Ascend's Div is documented within 1 ulp, CUDA's default `div.full.f32` within 2."""
 
 
 @triton.jit
@@ -121,11 +121,13 @@ def _quotient(a, b, MAX_DIV_ULPS: tl.constexpr):
     # The unit's quotient of two floats in [1, 2), within MAX_DIV_ULPS ulps: a first guess only.
     q = (a | (127 << 23)).to(tl.float32, bitcast=True) / (b | (127 << 23)).to(tl.float32, bitcast=True)
     qb = q.to(tl.int32, bitcast=True)
-    qe = tl.minimum(tl.maximum((qb >> 23) - 126, 0), 2)  # q in [1/2, 1): 0, [1, 2): 1, 2: 2
+    qe = tl.minimum(tl.maximum((qb >> 23) - 126, 0), 2)  # q in [1/2, 1): 0, [1, 2): 1, >= 2: 2
     v = ((qb & 0x7FFFFF) | 0x800000) << qe
-    v = tl.minimum(tl.maximum(v, 1 << 23), (1 << 25) - 1)
-    # Each guess of floor(.) at most one float32 ulp (two grid steps) off moves back in one step of each kind.
-    for _ in tl.static_range(2 * MAX_DIV_ULPS):
+    # The true quotient lies in (1/2, 2): a guess outside it (an error across a binade edge) starts at the edge.
+    v = tl.where(qb < (126 << 23), 1 << 23, tl.minimum(v, (1 << 25) - 1))
+    # q within MAX_DIV_ULPS ulps of the correctly rounded quotient is within MAX_DIV_ULPS + 1/2 ulps of a / b,
+    # and one float32 ulp is at most 2 units of 2^-24: v is at most 2 * MAX_DIV_ULPS + 1 units from the floor.
+    for _ in tl.static_range(2 * MAX_DIV_ULPS + 1):
         v = tl.where(_cmp_mul(a, v, b) < 0, v - 1, tl.where(_cmp_mul(a, v + 1, b) >= 0, v + 1, v))
     exact = _cmp_mul(a, v, b) == 0
     half = _cmp_mul(2 * a, 2 * v + 1, b)

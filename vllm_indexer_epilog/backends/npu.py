@@ -101,8 +101,8 @@ def why_not_triton(device: torch.device) -> str | None:
 def _probe_triton(device_type: str) -> str | None:
     try:
         kernel_module = _triton_kernel_module()
-    except ImportError as exc:
-        return f"Triton is not importable ({exc})"
+    except Exception as exc:  # absent, or a Triton whose import fails here (e.g. a driver it cannot load)
+        return f"Triton is not importable ({type(exc).__name__}: {exc})"
     from triton.runtime.interpreter import InterpretedFunction
 
     interpreted = isinstance(kernel_module.epilog_kernel, InterpretedFunction)

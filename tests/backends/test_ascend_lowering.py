@@ -1,6 +1,7 @@
 """The lowering check (scripts/ascend_check.sh): every kernel variant the NPU `triton` backend can launch
 compiles for Ascend 950 through triton-ascend and BiShengIR to the HIVM module, the last stage reachable
-without CANN. Needs the package registry the first time (its venv is cached); about 6 minutes on 2 cores.
+without CANN. Needs the package registry the first time (its venv is cached); about 7 CPU-minutes (4 to 12 minutes on 2
+cores, by load).
 Skips only when pip cannot reach the registry."""
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ VARIABLES: tuple[EnvVar, ...] = (
     EnvVar(CXX, "command", "c++",
            "C++ compiler for the CPU kernel's one-time build.",
            WARNS, "not on PATH: one warning; the CPU backend uses the torch reference"),
-    EnvVar(NPU_BACKEND, "auto | custom_ops | c_ascend_v2 | reference", "auto",
+    EnvVar(NPU_BACKEND, "auto | triton | custom_ops | c_ascend_v2 | reference", "auto",
            "Forces the NPU implementation.",
            RAISES, "ValueError naming it at the first NPU call"),
     EnvVar(STATS_DIR, "path (folder)", "unset (off)",

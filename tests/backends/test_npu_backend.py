@@ -22,6 +22,13 @@ from vllm_indexer_epilog.op.reference import mx_exponent, standard_scale
 from vllm_indexer_epilog.op.spec import FP8_FORMATS
 
 
+# The Triton kernel is the NPU backend's exact compiled path; on the stand-in (CPU tensors) it runs under Triton's
+# interpreter, where that is on (tests/helpers.py turns it on without a GPU).
+TRITON_OR_REFERENCE = (
+    NpuBackend.TRITON if npu_backend.why_not_triton(torch.device("cpu")) is None else NpuBackend.REFERENCE
+)
+
+
 def _spec(standin, scale_dtype=torch.float32, bs=8, dtype=torch.float8_e4m3fn):
     return standin.indexer.AscendMLAAttentionSpec(bs, 1, 128, dtype, 1, scale_dtype)
 
@@ -37,9 +44,9 @@ def _slots(t, n, seed=0):
     [
         (torch.bfloat16, torch.float8_e4m3fn, torch.float32, 1, NpuBackend.C_ASCEND_V2),
         (torch.float16, torch.float8_e4m3fn, torch.float32, 1, NpuBackend.C_ASCEND_V2),
-        (torch.float32, torch.float8_e4m3fn, torch.float32, 1, NpuBackend.REFERENCE),
-        (torch.bfloat16, torch.float8_e5m2, torch.float32, 1, NpuBackend.REFERENCE),
-        (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e8m0fnu, 0, NpuBackend.REFERENCE),
+        (torch.float32, torch.float8_e4m3fn, torch.float32, 1, TRITON_OR_REFERENCE),
+        (torch.bfloat16, torch.float8_e5m2, torch.float32, 1, TRITON_OR_REFERENCE),
+        (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e8m0fnu, 0, TRITON_OR_REFERENCE),
     ],
 )
 def test_packed_writes_choose_v2_only_where_it_fits(boot, x_dtype, cache_dtype, scale_dtype, quant_mode, want) -> None:
@@ -56,6 +63,7 @@ def test_packed_writes_choose_v2_only_where_it_fits(boot, x_dtype, cache_dtype, 
 def test_without_compiled_ops_everything_is_the_reference(boot, monkeypatch) -> None:
     standin = boot("A5")
     monkeypatch.setattr(npu_backend, "c_ascend_v2_installed", lambda: False)
+    monkeypatch.setattr(npu_backend, "why_not_triton", lambda device: "no Triton here")
     cache = carve_packed(_spec(standin), 2)
     x, slots = random_x(10, 128, torch.bfloat16, 2), _slots(10, 16)
     expect = expected_packed(cache, x, slots, 1, True)
@@ -110,8 +118,9 @@ def test_forced_reference_pins_the_exact_path(boot, monkeypatch) -> None:
 def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -> None:
     """With cann-recipes-infer's custom_ops installed (a stand-in, defined before our package as on an NPU
     machine), standard-mode split writes go to it with int32 slots and its `scale` left at 1.0; float32 x
-    cannot. MX stays on the reference in auto (issue 16: custom_ops' MX is not SPEC-exact; this case used
-    to expect custom_ops)."""
+    cannot. MX never goes to custom_ops in auto (issue 16: its MX is not SPEC-exact): it takes the Triton
+    kernel (issue 17; under the interpreter here), or the reference where Triton cannot launch; so does
+    float32 x."""
     script = textwrap.dedent(
         f"""
         import sys, torch
@@ -123,8 +132,9 @@ def test_ascend_custom_op_serves_split_writes_mapped_onto_its_schema(tmp_path) -
         from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
         from helpers import poisoned, random_x
         assert not schema.defined_here() and npu_backend.ascend_custom_op_installed()
-        for x_dtype, quant_mode, want, calls in ((torch.bfloat16, 1, "custom_ops", 1), (torch.float16, 0, "reference", 1),
-                                                 (torch.float32, 1, "reference", 1)):
+        TR = "triton" if npu_backend.why_not_triton(torch.device("cpu")) is None else "reference"
+        for x_dtype, quant_mode, want, calls in ((torch.bfloat16, 1, "custom_ops", 1), (torch.float16, 0, TR, 1),
+                                                 (torch.float32, 1, TR, 1)):
             k, s = poisoned(64, 128, torch.float8_e4m3fn, quant_mode, 1)
             wk, ws = k.clone(), s.clone()
             x = random_x(24, 128, x_dtype, 2, specials=4)
@@ -181,11 +191,12 @@ def _run_with_custom_ops(body: str) -> None:
 
 
 def test_mx_goes_to_custom_ops_only_by_name() -> None:
-    """Issue 16, item 3: in auto, MX (either round_scale) takes the SPEC-exact reference even where custom_ops
-    fits, with one log line naming why; VLLM_INDEXER_EPILOG_NPU_BACKEND=custom_ops sends MX there, with one
-    log line saying it is not SPEC-exact."""
+    """Issue 16, item 3: in auto, MX (either round_scale) never takes custom_ops even where it fits: the Triton
+    kernel (issue 17) where it can launch, else the SPEC-exact reference with one log line naming why;
+    VLLM_INDEXER_EPILOG_NPU_BACKEND=custom_ops sends MX there, with one log line saying it is not SPEC-exact."""
     _run_with_custom_ops(
         """
+        TR = "triton" if npu_backend.why_not_triton(torch.device("cpu")) is None else "reference"
         x = random_x(12, 256, torch.bfloat16, 5, specials=2)
         slots = torch.arange(12) * 2
         for _ in range(2):
@@ -193,11 +204,15 @@ def test_mx_goes_to_custom_ops_only_by_name() -> None:
                 k, s = poisoned(32, 256, torch.float8_e4m3fn, 0, 1)
                 wk, ws = k.clone(), s.clone()
                 got = npu_backend.write_split(k, s, x, slots, quant_mode=0, round_scale=rs)
-                assert got.value == "reference" and custom_ops.CALLS == [], got
+                assert got.value == TR and custom_ops.CALLS == [], got
                 reference_indexer_compress_epilog(wk, ws, x, slots, quant_mode=0, round_scale=rs)
                 assert same(k, wk) and same(s, ws)
-        auto = [m for m in LOG if "not SPEC-exact" in m]
-        assert len(auto) == 1 and "use reference (" in auto[0] and "docs/ascend-kernel.md" in auto[0], LOG
+        if TR == "triton":
+            auto = [m for m in LOG if "use triton (" in m]
+            assert len(auto) == 1 and "SPEC-exact compiled path" in auto[0], LOG
+        else:
+            auto = [m for m in LOG if "not SPEC-exact" in m]
+            assert len(auto) == 1 and "use reference (" in auto[0] and "docs/ascend-kernel.md" in auto[0], LOG
         # Standard mode is unchanged: custom_ops in auto.
         k, s = poisoned(32, 256, torch.float8_e4m3fn, 1, 1)
         assert npu_backend.write_split(k, s, x, slots).value == "custom_ops" and len(custom_ops.CALLS) == 1

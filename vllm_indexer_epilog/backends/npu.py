@@ -4,6 +4,11 @@ Two entries, one per cache layout:
 
 `write_split` -- contiguous cache and scale (DeepSeek-V3.2's LI-C8 cache); a packed-block pair given to the
   op goes to `write_packed`:
+  0. `triton`: this package's Triton kernel (backends/triton_epilog_jit.py) launched through triton-ascend, for
+     MX mode (the default there), and for standard mode where no compiled Ascend op fits. It is SPEC-exact on a
+     division within 2 ulps and with no subnormal support (docs/ascend-triton.md), compiles for Ascend 950
+     (scripts/ascend_check.sh) but has never been launched on an NPU. On the stand-in NPU layer of the tests
+     (CPU tensors) it runs under Triton's interpreter, through the same launch code.
   1. `custom_ops`: cann-recipes-infer's compiled Ascend C op (Ascend 950), when its package defined
      `custom::indexer_compress_epilog`, for standard mode. Our call is mapped onto its schema: slot_mapping
      as int32 (its only index type), x float16/bfloat16 (it takes no float32), its extra `scale` left at
@@ -13,9 +18,22 @@ Two entries, one per cache layout:
   2. `reference`: the pure-torch reference on NPU tensors; slow, but exact and always there.
 
 `write_packed` -- vllm-ascend's packed-block cache (op/geometry.py; DeepSeek-V4's indexer on A5):
+  0. `triton` as above, straight into the two strided views (MX by default; standard where v2 does not fit).
   1. `c_ascend_v2`: vllm-ascend's `_C_ascend.indexer_compress_epilog_v2`, where it fits: e4m3fn values,
      standard mode (float32 scales), x float16/bfloat16.
   2. `reference`, writing the two strided views.
+
+Standard mode keeps the compiled Ascend op (v2 / custom_ops) in `auto` where it fits, although its scale is
+amax * fl(1/FMAX), one ulp off SPEC for about half the amax values (docs/ascend-kernel.md): it is what
+vllm-ascend runs and has run on A5 hardware, while the Triton kernel has only been compiled (to BiShengIR's
+HIVM module), never launched. `VLLM_INDEXER_EPILOG_NPU_BACKEND=triton` makes standard mode exact now; the
+default should move to `triton` once the kernel has passed tests/ on an A5. MX has no SPEC-exact compiled
+alternative (custom_ops' MX is not exact; v2 has no MX), so there `triton` wins over the reference (several
+torch kernels and a temporary) by default.
+
+`auto` picks `triton` only where its kernel is launchable: on NPU tensors when the Triton in this process is
+triton-ascend targeting Ascend 950 (the one target the lowering check covers); on CPU tensors (the stand-in)
+when Triton runs its interpreter.
 
 Every entry validates first with the shared checks, so errors name the argument and nothing is written.
 Slots: both compiled ops read int32 only (vLLM passes int64), and neither checks a slot, so one outside
@@ -32,6 +50,8 @@ path.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import logging
 
@@ -56,10 +76,66 @@ _HIF8_NOT_EXACT = ("custom_ops' HiFloat8 cast saturates (SatMode::SAT): overflow
 
 
 class NpuBackend(str, enum.Enum):
+    TRITON = "triton"
     CUSTOM_OPS = "custom_ops"
     C_ASCEND_V2 = "c_ascend_v2"
     REFERENCE = "reference"
 
+
+_ASCEND_950 = "Ascend950"
+_triton_status: dict[str, str | None] = {}
+
+
+def _triton_kernel_module():
+    from . import triton_kernel
+
+    return triton_kernel
+
+
+def why_not_triton(device: torch.device) -> str | None:
+    """None if the Triton kernel can be launched on tensors of this device type, else why not (cached per
+    device type; no device work). CPU: only under Triton's interpreter (the stand-in NPU layer); NPU: only
+    with triton-ascend targeting Ascend 950."""
+    key = device.type
+    if key not in _triton_status:
+        _triton_status[key] = _probe_triton(key)
+    return _triton_status[key]
+
+
+def _probe_triton(device_type: str) -> str | None:
+    try:
+        kernel_module = _triton_kernel_module()
+    except Exception as exc:  # absent, or a Triton whose import fails here (e.g. a driver it cannot load)
+        return f"Triton is not importable ({type(exc).__name__}: {exc})"
+    from triton.runtime.interpreter import InterpretedFunction
+
+    interpreted = isinstance(kernel_module.epilog_kernel, InterpretedFunction)
+    if device_type == "cpu":
+        return None if interpreted else "CPU tensors need Triton's interpreter (TRITON_INTERPRET=1)"
+    if interpreted:
+        return "Triton runs its interpreter in this process"
+    try:
+        import triton
+
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception as exc:  # no active Triton driver for this device
+        return f"Triton has no active device driver ({exc})"
+    arch = str(getattr(target, "arch", ""))
+    if getattr(target, "backend", None) != "npu" or not arch.startswith(_ASCEND_950):
+        return f"Triton targets {target.backend}:{arch}; the kernel is checked for {_ASCEND_950} only"
+    return None
+
+
+def _launch_triton(p: EpilogProblem, cache: torch.Tensor, scale: torch.Tensor, x: torch.Tensor,
+                   slot_mapping: torch.Tensor, round_scale: bool, *, mx_float32_scale: bool = False) -> None:
+    # The kernel skips slots outside [0, N) on the device; only strict mode pays a host check.
+    if envs.strict():
+        check_slot_range(slot_mapping, p.slots, reject_duplicates=True)
+    npu = getattr(torch, "npu", None)
+    guard = npu.device(x.device) if x.device.type == "npu" and npu is not None else contextlib.nullcontext()
+    with guard:
+        _triton_kernel_module().launch(p, cache, scale, x, slot_mapping.reshape(-1), round_scale=round_scale,
+                                       mx_float32_scale=mx_float32_scale)
 
 
 
@@ -105,24 +181,32 @@ def _choose(layout: str, p: EpilogProblem, x: torch.Tensor) -> NpuBackend:
         why = _why_not_compiled(p, x, c_ascend_v2_installed(), "_C_ascend.indexer_compress_epilog_v2")
         if why is None and (p.fmt is None or p.fmt.dtype != torch.float8_e4m3fn or p.quant_mode != QUANT_MODE_STANDARD):
             why = "_C_ascend.indexer_compress_epilog_v2 writes e4m3fn codes with float32 (standard) scales only"
+    triton_why = "the NPU Triton kernel has no HiFloat8 mode" if p.hifloat8 else why_not_triton(x.device)
     forced = _forced()
     # Modes the compiled op runs differently from SPEC.md: used only when named.
     not_exact = {QUANT_MODE_MX: _MX_NOT_EXACT, QUANT_MODE_HIFLOAT8: _HIF8_NOT_EXACT}.get(p.quant_mode)
     inexact_mx = compiled is NpuBackend.CUSTOM_OPS and not_exact is not None
+    mx = p.quant_mode == QUANT_MODE_MX
     if forced is not None:
-        if forced not in (compiled, NpuBackend.REFERENCE):
+        if forced not in (compiled, NpuBackend.REFERENCE, NpuBackend.TRITON):
             raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} cannot serve the {layout} cache layout")
         if forced is compiled and why is not None:
             raise RuntimeError(f"{envs.NPU_BACKEND}={forced.value} but {why}")
+        if forced is NpuBackend.TRITON and triton_why is not None:
+            raise RuntimeError(f"{envs.NPU_BACKEND}=triton but {triton_why}")
         chosen, reason = forced, f"forced by {envs.NPU_BACKEND}"
         if forced is compiled and inexact_mx:
             reason += f"; {not_exact}"
+    elif mx and triton_why is None:
+        chosen, reason = NpuBackend.TRITON, "MX: the SPEC-exact compiled path"
     elif why is None and inexact_mx:
         chosen, reason = NpuBackend.REFERENCE, f"{not_exact}; {envs.NPU_BACKEND}=custom_ops uses it anyway"
     elif why is None:
         chosen, reason = compiled, "fits"
+    elif triton_why is None:
+        chosen, reason = NpuBackend.TRITON, why
     else:
-        chosen, reason = NpuBackend.REFERENCE, why
+        chosen, reason = NpuBackend.REFERENCE, f"{why}; triton: {triton_why}" if why else f"triton: {triton_why}"
     log_once(f"NPU {layout}-cache writes use {chosen.value} ({reason})", logger=logger)
     return chosen
 
@@ -161,7 +245,9 @@ def write_split(
         return write_packed(cache, scales, x, slot_mapping, quant_mode=quant_mode, round_scale=round_scale,
                             scale=scale)
     backend = _choose("split", p, x)
-    if backend is NpuBackend.CUSTOM_OPS:
+    if backend is NpuBackend.TRITON:
+        _launch_triton(p, cache, scales, x, slot_mapping, round_scale)
+    elif backend is NpuBackend.CUSTOM_OPS:
         # Its documented x and slot shapes are [T, d] and [T]. In HiFloat8 mode it copies an unwritten local
         # buffer to the scale rows (docs/hifloat8.md); a scratch tensor takes them, so ours stays untouched.
         out_scales = torch.empty_like(scales) if p.hifloat8 else scales
@@ -190,7 +276,9 @@ def write_packed(
     p = validate_epilog_args(values, scales, x, slot_mapping, quant_mode, round_scale, packed=True,
                              scale_value=scale)
     backend = _choose("packed", p, x)
-    if backend is NpuBackend.C_ASCEND_V2:
+    if backend is NpuBackend.TRITON:
+        _launch_triton(p, values, scales, x, slot_mapping, round_scale)
+    elif backend is NpuBackend.C_ASCEND_V2:
         buffer = block_buffer(values, p.geometry, scales.element_size())
         slots = _int32_slots(slot_mapping, p.slots)
         torch.ops._C_ascend.indexer_compress_epilog_v2(buffer, x.view(p.rows, p.dim), slots, layout=2)
@@ -209,35 +297,49 @@ def write_packed_mx_as_float32(
     slot_mapping: torch.Tensor,
     *,
     round_scale: bool = True,
-) -> None:
-    """MX mode on a packed-block cache laid out for standard mode (float32 scale slots; issue #13 gap 2).
+) -> NpuBackend:
+    """MX mode on a packed-block cache laid out for standard mode (float32 scale slots; issue #13 gap 2);
+    returns the backend that ran.
 
-    The rows go through `write_split` (quant_mode=0: the reference unless custom_ops is forced) into
-    contiguous temporaries, then the codes and each row's e8m0 scale, widened to the float32 2^e it stands
-    for (exact), are put at the slots. The pages, dtypes and so vLLM's KV-cache plan are those of standard
-    mode (no e8m0 page, no re-padding of DeepSeek-V4's compressor state), and the lightning indexer reads
-    the float32 scales as it does in standard mode. Slots outside [-1, N) are dropped as in every entry.
+    The pages, dtypes and so vLLM's KV-cache plan are those of standard mode (no e8m0 page, no re-padding of
+    DeepSeek-V4's compressor state), and the lightning indexer reads the float32 scales as it does in standard
+    mode: each group's e8m0 scale is stored as the float32 2^e it stands for (exact).
+
+    `triton` (the default where it can launch): the kernel writes codes and float32 2^e straight into the two
+    page views, no temporary, no widening pass. Otherwise (the reference, or custom_ops when named) the rows
+    go through `write_split` into contiguous temporaries and are then put at the slots, widened.
+    Slots outside [-1, N) are dropped as in every entry.
     """
-    from ..op.dequant import mx_scales_to_float32
-    from ..op.spec import SCALE_DTYPE_BY_MODE, num_groups
-
     if values.dim() != 4 or scales.dim() != 4 or values.shape[:3] != scales.shape[:3]:
         raise ValueError(f"packed views [nb, bs, 1, d] / [nb, bs, 1, G] expected, got {tuple(values.shape)} "
                          f"and {tuple(scales.shape)}")
     if scales.dtype != torch.float32:
         raise ValueError(f"scales: float32 slots expected (standard layout), got {scales.dtype}")
+    # The page is standard mode's, so it validates as one; the write itself is MX.
+    p = validate_epilog_args(values, scales, x, slot_mapping, QUANT_MODE_STANDARD, round_scale, packed=True)
+    p = dataclasses.replace(p, quant_mode=QUANT_MODE_MX)
+    if _forced() is not NpuBackend.CUSTOM_OPS and _choose("packed", p, x) is NpuBackend.TRITON:
+        _launch_triton(p, values, scales, x, slot_mapping, round_scale, mx_float32_scale=True)
+        return NpuBackend.TRITON
+    return _write_packed_mx_as_float32_via_split(values, scales, x, slot_mapping, round_scale=round_scale)
+
+
+def _write_packed_mx_as_float32_via_split(
+    values: torch.Tensor, scales: torch.Tensor, x: torch.Tensor, slot_mapping: torch.Tensor, *, round_scale: bool
+) -> NpuBackend:
+    from ..op.dequant import mx_scales_to_float32
+    from ..op.spec import SCALE_DTYPE_BY_MODE, num_groups
+
     nb, bs, _, d = values.shape
     g = num_groups(d)
-    if scales.shape[-1] != g:
-        raise ValueError(f"scales: {g} groups per row expected for d={d}, got {scales.shape[-1]}")
     rows = x.reshape(-1, d)
     t = rows.shape[0]
     codes = torch.empty(t, d, dtype=values.dtype, device=values.device)
     exps = torch.empty(t, g, dtype=SCALE_DTYPE_BY_MODE[QUANT_MODE_MX], device=values.device)
     # Through write_split, not torch.ops.custom: where cann-recipes' custom_ops owns that op, a direct call
     # would hand its MX mode (not SPEC-exact) int64 slots; write_split chooses and converts as for any call.
-    write_split(codes, exps, rows, torch.arange(t, dtype=torch.int32, device=values.device),
-                quant_mode=QUANT_MODE_MX, round_scale=round_scale)
+    backend = write_split(codes, exps, rows, torch.arange(t, dtype=torch.int32, device=values.device),
+                          quant_mode=QUANT_MODE_MX, round_scale=round_scale)
     slots = _guarded_slots(slot_mapping, nb * bs).long()
     keep = slots >= 0
     s = slots[keep]
@@ -246,3 +348,4 @@ def write_packed_mx_as_float32(
     scales[block, off] = mx_scales_to_float32(exps[keep]).unsqueeze(1)
     log_once("NPU packed-cache MX writes go through the split-cache path into float32 scale slots "
              "(the standard layout)", logger=logger)
+    return backend

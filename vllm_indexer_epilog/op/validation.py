@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import math
+import struct
 
 import torch
 
@@ -87,8 +88,9 @@ def validate_options(quant_mode: object, round_scale: object, scale: object = 1.
     if isinstance(scale, bool) or not isinstance(scale, (float, int)):
         raise TypeError(f"scale must be a float, got {scale!r} ({type(scale).__name__})")
     try:
-        scale_f32 = float(torch.tensor(float(scale), dtype=torch.float32).item())
-    except OverflowError:  # an int beyond float64
+        # struct rounds to float32 as a C cast does (nearest even) without a tensor: no device, no sync.
+        scale_f32 = struct.unpack("f", struct.pack("f", float(scale)))[0]
+    except OverflowError:  # beyond float64 (a huge int), or finite but beyond float32 once rounded
         scale_f32 = math.inf
     if not math.isfinite(scale_f32):
         raise ValueError(f"scale must be finite as a float32, got {scale!r}")

@@ -15,8 +15,9 @@ tests/integrations/vllm_ascend_real, and main of 2026-08-22):
   Both are looked up on the class at call time, so replacing them before the first forward takes effect.
   The compressor's rows go to backends/npu.py `write_packed` (standard: vllm-ascend's own compiled
   `_C_ascend.indexer_compress_epilog_v2` where it fits, else the reference on the two views) or, MX,
-  `write_packed_mx_as_float32` (through the registered `custom.indexer_compress_epilog` on contiguous rows,
-  then put into the pages), with vLLM's slot mapping as it comes. Standard mode calls `write_packed` directly
+  `write_packed_mx_as_float32` (our Triton kernel straight into the page's codes and float32 scale slots
+  where it can launch, i.e. triton-ascend on Ascend 950; the reference on contiguous rows, then put into the
+  pages, only where it cannot), with vLLM's slot mapping as it comes. Standard mode calls `write_packed` directly
   rather than through the registered op (which takes packed pages too, docs/SPEC.md): what graph capture
   sees is v2, as without the plugin.
 - reader: the lightning indexer reads float32 key scales through `prepare_dsa_indexer_key_scale`,

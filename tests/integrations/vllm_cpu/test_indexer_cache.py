@@ -316,12 +316,85 @@ def test_write_hook_matches_reference_and_vllm(hooked, name: str) -> None:  # no
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_read_hook_runs_the_right_reader(hooked, name: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """Standard e4m3fn and flag off: vLLM's reader runs (its wrapper, then `torch.ops._C`'s kernel) and its
+    result comes back as is; otherwise the plugin's reader runs and vLLM's kernel is not called. Spies on both,
+    whichever kernel this host's `_C` has: vLLM's C++ (AVX512-BF16) or, elsewhere, the compat layer's op."""
     config = CONFIGS[name]
     ic.activate(config)
     layout = IndexerLayout.of(config) if config.enabled else VLLM_LAYOUT
+    vllm_reader = name in ("standard-e4m3fn", "off")
+    assert ic.state.layout is None or ic.state.layout.vllm_reader_fits == vllm_reader
     kv2d, _ = _pages_with_rows(layout, 5)
     q, w = _queries(3, 4, 1)
     seq_lens, table = torch.tensor([10, 200, 512]), torch.stack([torch.randperm(8) for _ in range(3)])
+
+    # vLLM's C++ kernel where its library has it (AVX512-BF16 hosts), else the op the compat layer defines.
+    real_cpp = hasattr(torch.ops._C, "fp8_paged_mqa_logits_cpu")
+    kernel = torch.ops._C.fp8_paged_mqa_logits_cpu if real_cpp else ops_attention.fp8_paged_mqa_logits_cpu
+    kernel_calls: list[tuple] = []
+    plugin_calls: list[tuple] = []
+
+    def kernel_spy(*args):  # noqa: ANN002, ANN202
+        kernel_calls.append(args)
+        out = kernel(*args)
+        kernel_calls[-1] = (*args, out)
+        return out
+
+    def plugin_spy(*args):  # noqa: ANN002, ANN202
+        plugin_calls.append(args)
+        return paged_mqa_logits(*args)
+
+    monkeypatch.setattr(torch.ops._C, "fp8_paged_mqa_logits_cpu", kernel_spy, raising=False)
+    monkeypatch.setattr(ic, "paged_mqa_logits", plugin_spy)
     got = hooked.ops.fp8_paged_mqa_logits_cpu(q, kv2d, w, seq_lens, table, BS, 512)
-    torch.testing.assert_close(got, paged_mqa_logits(q, kv2d, w, seq_lens, table, BS, 512, layout))
-    assert ic.state.layout is None or ic.state.layout.vllm_reader_fits == (name == "standard-e4m3fn")
+    want = paged_mqa_logits(q, kv2d, w, seq_lens, table, BS, 512, layout)  # the plugin's scorer, any layout
+    if not vllm_reader:
+        assert len(plugin_calls) == 1 and plugin_calls[0][-1] is ic.state.layout and kernel_calls == []
+        assert torch.equal(got, want)  # -inf beyond seq_len included
+        return
+    assert plugin_calls == [] and len(kernel_calls) == 1
+    *args, out = kernel_calls[0]
+    assert got is out and args[1] is kv2d and args[3] is seq_lens and args[6] == 512  # vLLM's call, unchanged
+    # The same logits as the plugin's scorer reading vLLM's layout, where they are defined (t < seq_len: vLLM's
+    # C++ leaves the rest uninitialised, and both top-k consumers (vLLM's topk_transform_512_cpu and the compat
+    # op) read only t < seq_len, checked in test_topk_consumers_read_only_t_below_seq_len). The compat op is
+    # the plugin's scorer: identical. vLLM's C++ sums the 128-term dot products and the heads in another order:
+    # float32 rounding only, a few ulps of the largest partial sum (measured over 5 seeds: at most 5e-8 of the
+    # largest logit, up to 1e-4 relative where a logit nearly cancels). Hence rtol 1e-5 plus an atol of 2**-20
+    # (about 8 float32 ulps) of the largest logit.
+    valid = torch.arange(512)[None] < seq_lens[:, None]
+    if real_cpp:
+        torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=want[valid].abs().max().item() * 2**-20)
+    else:
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("real", [False, True], ids=["compat", "vllm-cpp"])
+def test_topk_consumers_read_only_t_below_seq_len(real: bool) -> None:
+    """The read's consumer masks by seq_len itself: logits beyond seq_len (-inf from the plugin's and compat
+    readers, uninitialised memory from vLLM's C++ reader) cannot change the top-k selection. So no part of the
+    plugin needs the reader's -inf tail."""
+    if real:
+        if not torch.cpu._is_avx512_bf16_supported():
+            pytest.skip("vLLM's own kernels need an AVX512-BF16 host")
+        import vllm._custom_ops  # noqa: F401
+
+        if not hasattr(torch.ops._C, "topk_transform_512_cpu"):
+            pytest.skip("vLLM's _C library does not define topk_transform_512_cpu on this host")
+        topk = torch.ops._C.topk_transform_512_cpu
+    else:
+        topk = ops_attention.topk_transform_512_cpu
+    g = torch.Generator().manual_seed(3)
+    seq = torch.tensor([600, 1500, 10, 900], dtype=torch.int32)
+    logits = torch.randn(4, 1500, generator=g)
+    beyond = torch.arange(1500)[None] >= seq[:, None]
+    tails = (logits.masked_fill(beyond, float("-inf")), logits.masked_fill(beyond, 1e30),
+             logits.masked_fill(beyond, float("nan")))
+    table = torch.arange(32, dtype=torch.int32).view(4, 8)
+    picked = []
+    for x in tails:
+        pages, raw = torch.empty(4, 512, dtype=torch.int32), torch.empty(4, 512, dtype=torch.int32)
+        topk(x, seq, table, pages, 256, raw)
+        picked.append(([sorted(r) for r in pages.tolist()], [sorted(r) for r in raw.tolist()]))
+    assert picked[0] == picked[1] == picked[2]
+    assert all(0 <= i < 10 for i in picked[0][1][2] if i >= 0) and picked[0][1][2].count(-1) == 502

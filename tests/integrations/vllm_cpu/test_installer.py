@@ -108,6 +108,7 @@ def test_plugin_survives_an_exception_of_ours(monkeypatch, caplog) -> None:
 _FULL_INSTALL = textwrap.dedent("""
     import logging, sys, torch
     import vllm.platforms  # as inside vLLM: the platform is known before plugins load
+    import vllm._custom_ops  # noqa: F401  (vLLM's own library for this CPU: _C, _C_AVX512 or _C_AVX2)
     from vllm_indexer_epilog.integrations import plugin
     from vllm_indexer_epilog.integrations.vllm_cpu_compat import OP_NAMES
 
@@ -117,21 +118,46 @@ _FULL_INSTALL = textwrap.dedent("""
         except RuntimeError:  # "operator _C::<name> does not exist"
             return False
 
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage().removeprefix("vllm_indexer_epilog: "))
+    logging.getLogger("vllm_indexer_epilog").addHandler(handler)
+    logging.getLogger("vllm_indexer_epilog").setLevel(logging.INFO)
+
+    # Which ops vLLM's library lacks on this host: all 16 without AVX512-BF16 (_C_AVX2/_C_AVX512), none with it.
+    missing = [n for n in OP_NAMES if not has_kernel(n)]
+    assert missing == ([] if torch.cpu._is_avx512_bf16_supported() else list(OP_NAMES)), missing
     plugin.register()
     assert all(has_kernel(n) for n in OP_NAMES), [n for n in OP_NAMES if not has_kernel(n)]
+    # The layer defined exactly the missing ops and kept vLLM's (one line each, only when non-empty).
+    defined = [m for m in messages if m.startswith("vllm_cpu: defined ")]
+    kept = [m for m in messages if m.startswith("vllm_cpu: vLLM's library has ")]
+    if missing:
+        assert defined == [f"vllm_cpu: defined {len(missing)} op(s) on torch.ops._C: {', '.join(missing)}"], messages
+    else:
+        assert defined == [], messages
+    present = [n for n in OP_NAMES if n not in missing]
+    if present:
+        assert kept == [f"vllm_cpu: vLLM's library has {', '.join(present)}; kept"], messages
+    else:
+        assert kept == [], messages
+    # The metadata kernels and the tile-scheduler fix are installed on every host (vLLM's C++ ops do not
+    # replace them: stock Triton has no CPU backend, and the CPU builder lacks 'c1a' everywhere).
     from vllm.v1.attention.backends.mla import sparse_swa  # imported after install: patched on import
     from vllm.models.deepseek_v4.cpu import cpu_mla
     from vllm_indexer_epilog.integrations.vllm_cpu_compat import metadata
     assert sparse_swa.ComputeSWAIndicesAndLensKernel.__call__ is metadata.swa_indices_and_lens
     assert "c1a" in cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler(None, 1)
     plugin.unregister()
-    assert not any(has_kernel(n) for n in OP_NAMES)
+    # Ours are gone, vLLM's stay.
+    assert [n for n in OP_NAMES if not has_kernel(n)] == missing
     assert "build_tile_scheduler" not in vars(cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder) or \\
         cpu_mla.DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler.__module__ == cpu_mla.__name__
     assert sparse_swa.ComputeSWAIndicesAndLensKernel.__call__ is not metadata.swa_indices_and_lens
     plugin.register()  # a second cycle defines them again
     assert all(has_kernel(n) for n in OP_NAMES)
-    print("FULL_INSTALL_OK")
+    assert sparse_swa.ComputeSWAIndicesAndLensKernel.__call__ is metadata.swa_indices_and_lens
+    print("FULL_INSTALL_OK", len(missing))
 """)
 
 

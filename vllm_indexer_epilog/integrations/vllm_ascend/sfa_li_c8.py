@@ -44,7 +44,7 @@ from ..patching import Patcher, SiteMissing, import_site, log_once, refuse, requ
 from ..catalogue import PatchSite
 
 NAME = "sfa_li_c8"
-WRITTEN_AGAINST = ("vllm-ascend 0.23.0 / 0.24.0rc1 / 0.26.0rc1 / 0.27.1rc1 (inline in sfa_v1), 0.28.0rc1 / "
+WRITTEN_AGAINST = ("vllm-ascend 0.23.0 / 0.24.0rc1 / 0.25.1rc1 / 0.26.0rc1 / 0.27.1rc1 (inline in sfa_v1), 0.28.0rc1 / "
                    "0.29.0rc1 / 0.30.0rc1 / 0.30.0rc2 (AscendSFAIndexerBackend), main of 2026-08-22 (182b75ea84)")
 VERSIONS = ((0, 23), (0, 31))
 SITE = "vllm-ascend's DeepSeek-V3.2 LI-C8 indexer cache"
@@ -52,8 +52,8 @@ ATTR = "_indexer_epilog"
 TRIGGERS = ("vllm_ascend.attention.sfa_v1", "vllm_ascend.attention.indexer")
 SFA_MODULE, BACKEND_MODULE = TRIGGERS
 LI_C8_FLAGS = ("enable_sparse_li_c8", "use_sparse_c8_indexer")
-"""How AscendSFAImpl.__init__ turns the LI-C8 cache on (`use_sparse_c8_indexer` in 0.25.1rc1, where the
-indexer C8 came with the SFA C8 of `enable_sparse_c8`); releases without either (0.24.0rc1) have no site."""
+"""How AscendSFAImpl.__init__ turns the LI-C8 cache on (`use_sparse_c8_indexer` in 0.24.0rc1 and 0.25.1rc1,
+where the indexer C8 came with the SFA C8 of `enable_sparse_c8`); a build without either has no site."""
 
 _VERSIONS_TEXT = ("vllm-ascend 0.23.0 up to (not incl.) {}.{} (0.23.0 .. 0.27.1rc1 inline in sfa_v1, 0.28.0rc1 .. "
                   "0.30.0rc2 in AscendSFAIndexerBackend), and main of 2026-08-22").format(*VERSIONS[1])

@@ -232,11 +232,11 @@ def _format_why_not(layer: Any, config: EpilogConfig) -> str | None:
 
 
 def kv_dtype_of_current_config() -> Any:
+    """vLLM's indexer_kv_dtype of the config being built; None without one. Never imports vLLM itself."""
+    vllm_config_module = sys.modules.get("vllm.config")
     try:
-        from vllm.config import get_current_vllm_config
-
-        return getattr(get_current_vllm_config().attention_config, "indexer_kv_dtype", None)
-    except Exception:  # no vLLM config set (tests building layers by hand)
+        return getattr(vllm_config_module.get_current_vllm_config().attention_config, "indexer_kv_dtype", None)
+    except Exception:  # vLLM not imported, or no config set (tests building layers by hand)
         return None
 
 
@@ -374,7 +374,7 @@ def _install_backend(patcher: Patcher, module: Any) -> str:
             return
         if not getattr(self, "enable_sparse_li_c8", False):
             return
-        from vllm.config import get_current_vllm_config
+        from vllm.config import get_current_vllm_config  # vllm-ascend's indexer.py imported it already
 
         config = epilog_config_from_vllm(get_current_vllm_config())
         if not config.enabled:

@@ -23,7 +23,7 @@ from vllm_indexer_epilog.integrations.patching import release, version_allowed
 
 pytestmark = pytest.mark.network
 RELEASES = ("0.23.0", "0.24.0rc1")
-LI_C8_RELEASES = {"0.23.0"}  # 0.24.0rc1 was cut (Aug 4) before the LI-C8 cache landed; 0.23.0 (Aug 17) has it
+LI_C8_RELEASES = {"0.23.0", "0.24.0rc1"}  # 0.24.0rc1 spells it use_sparse_c8_indexer (sfa_li_c8.LI_C8_FLAGS)
 WHEELS = envs.cache_dir() / "vllm-ascend"
 
 
@@ -143,9 +143,9 @@ def test_sfa_li_c8_write_is_the_pattern_the_proxy_expects(version) -> None:
     init_source = ast.unparse(method(cls(m, "AscendSFAImpl"), "__init__"))
     if version not in LI_C8_RELEASES:
         # No LI-C8 cache in this release: the hook's install finds no site and keeps vllm-ascend's path.
-        assert sfa_li_c8.LI_C8_MARKER not in init_source
+        assert not any(f"self.{flag} =" in init_source for flag in sfa_li_c8.LI_C8_FLAGS)
         return
-    assert sfa_li_c8.LI_C8_MARKER in init_source
+    assert any(f"self.{flag} =" in init_source for flag in sfa_li_c8.LI_C8_FLAGS)
     assert any(isinstance(n, ast.Import) and [a.name for a in n.names] == ["torch_npu"] for n in m.body)
     impl = cls(m, "AscendSFAImpl")
     pre = method(impl, "indexer_select_pre_process")

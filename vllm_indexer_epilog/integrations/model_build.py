@@ -22,7 +22,7 @@ import threading
 from typing import Any, Callable
 
 from .catalogue import PatchSite
-from .config import CONFIG_KEY, EpilogConfig, epilog_config_from_vllm
+from .config import CONFIG_KEY, EpilogConfig, check_against_indexer_kv_dtype, epilog_config_from_vllm
 from .patching import Patcher, install_when_imported, log_once
 
 SITE_MODULE = "vllm.model_executor.model_loader.utils"
@@ -69,8 +69,14 @@ def mode_line(site: str, config: EpilogConfig) -> str:
 
 
 def check_flag(vllm_config: Any) -> EpilogConfig:
-    """Parse and validate the flag of `vllm_config`; raises EpilogConfigError (field + source) on a bad value."""
-    return epilog_config_from_vllm(vllm_config)
+    """Parse and validate the flag of `vllm_config`, and check it against vLLM's `indexer_kv_dtype`; raises
+    EpilogConfigError (fields + sources) on a bad value or a contradiction, before the model (and vLLM's own
+    indexer_kv_dtype checks, which run while it is built) exists."""
+    config = epilog_config_from_vllm(vllm_config)
+    line = check_against_indexer_kv_dtype(config, vllm_config)
+    if line is not None:
+        log_once(line, prefix="")
+    return config
 
 
 def report(model: Any, config: EpilogConfig, vllm_config: Any) -> list[str]:

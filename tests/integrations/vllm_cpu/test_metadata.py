@@ -148,6 +148,58 @@ def test_swa_indices_and_lens(seed: int) -> None:
     assert got_idx.reshape(rows, width).tolist() == want_idx
 
 
+# ----------------------------------------------------------------------------- ComputeDSparkNoncausalSWAIndicesKernel
+def naive_dspark(indices, lens, W, index_width, qsl, seq_lens, t2r, valid, bt, block_size, num_tokens, token_offset):
+    """Transcribed from vLLM 0.34.0's `ComputeDSparkNoncausalSWAIndicesKernel.kernel`, one program per token."""
+    for pid in range(num_tokens):
+        t = pid + token_offset
+        if not valid[t]:
+            lens[pid] = 0
+            for off in range(index_width):
+                indices[pid][off] = -1
+            continue
+        r = t2r[t]
+        query_len = qsl[r + 1] - qsl[r]
+        prefix = seq_lens[r] - query_len
+        start, end = max(prefix - W, 0), seq_lens[r]
+        swa_len = end - start
+        lens[pid] = swa_len
+        for off in range(index_width):
+            p = start + off
+            indices[pid][off] = bt[r][cdiv(p, block_size)] * block_size + cmod(p, block_size) if off < swa_len else -1
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_dspark_noncausal_swa_indices(seed: int) -> None:
+    rng = random.Random(1000 + seed)
+    reqs, qsl = _batch(rng, max_q=8)
+    W = rng.choice([128, 8, 3])
+    index_width = W + rng.randint(0, 9)  # get_dspark_swa_index_width: window + draft tokens
+    block_size = rng.choice([64, 256, 4])
+    ntok = qsl[-1]
+    t2r = [r for r, (_, q) in enumerate(reqs) for _ in range(q)]
+    valid = [rng.random() > 0.1 for _ in range(ntok)]
+    seq_lens = [s for s, _ in reqs]
+    cols = (max(seq_lens) + 20) // block_size + 2
+    bt = [[rng.randrange(0, 900) for _ in range(cols)] for _ in reqs]
+    token_offset = rng.randint(0, ntok // 2) if ntok else 0
+    num_tokens = rng.randint(0, ntok - token_offset) if ntok else 0
+    rows, width = num_tokens + rng.randint(0, 3), index_width + rng.randint(0, 4)
+    want_idx = [[SENTINEL] * width for _ in range(rows)]
+    want_len = [SENTINEL] * rows
+    naive_dspark(want_idx, want_len, W, index_width, qsl, seq_lens, t2r, valid, bt, block_size, num_tokens,
+                 token_offset)
+    got_idx = torch.full((rows, width), SENTINEL, dtype=torch.int32)
+    if seed % 2:
+        got_idx = got_idx.unsqueeze(1)
+    got_len = torch.full((rows,), SENTINEL, dtype=torch.int32)
+    md.dspark_noncausal_swa_indices(SELF, got_idx, got_len, W, index_width, _i32(qsl), _i32(seq_lens), _i32(t2r),
+                                    torch.tensor(valid, dtype=torch.bool), _i32(bt), block_size,
+                                    num_tokens=num_tokens, token_offset=token_offset)
+    assert got_len.tolist() == want_len
+    assert got_idx.reshape(rows, width).tolist() == want_idx
+
+
 # ----------------------------------------------------------------------------- ComputePrefillMetadataKernel
 @pytest.mark.parametrize("seed", SEEDS)
 def test_prefill_metadata(seed: int) -> None:
@@ -213,6 +265,8 @@ def test_build_prefill_chunk_metadata(seed: int) -> None:
     qs_start = rng.randint(0, total // 2)
     qs_stop = rng.randint(qs_start, total)
     nout = qs_stop - qs_start
+    # vLLM 0.34.0's optional `positions` (ShardQ): each token's own position instead of start_pos + offset
+    positions = [rng.randint(0, max(unc)) for _ in range(total)] if seed % 3 == 0 else None
     want_ks, want_ke, want_t2s = [SENTINEL] * nout, [SENTINEL] * nout, [SENTINEL] * (cu[-1] + 2)
     for b in range(len(reqs)):
         qlen = qsl[b + 1] - qsl[b]
@@ -224,7 +278,7 @@ def test_build_prefill_chunk_metadata(seed: int) -> None:
                 continue
             out = abs_pos - qs_start
             want_ks[out] = row_start[b]
-            lpt = cdiv(start_pos + 1 + off, R)
+            lpt = cdiv((start_pos + 1 + off) if positions is None else positions[abs_pos] + 1, R)
             if dcp_world > 1:
                 base = cdiv(cdiv(lpt, inter), dcp_world) * inter
                 rem = lpt - base * dcp_world
@@ -237,7 +291,8 @@ def test_build_prefill_chunk_metadata(seed: int) -> None:
     got_ke = torch.full((nout,), SENTINEL, dtype=torch.int32)
     got_t2s = torch.full((cu[-1] + 2,), SENTINEL, dtype=torch.int32)
     md.build_prefill_chunk_metadata(SELF, _i32(qsl), _i32(unc), _i32(cu), _i32(row_start), got_t2s, got_ks, got_ke,
-                                    qs_start, qs_stop, dcp_rank, dcp_world, inter, num_reqs=len(reqs), COMPRESS_RATIO=R)
+                                    qs_start, qs_stop, dcp_rank, dcp_world, inter, num_reqs=len(reqs), COMPRESS_RATIO=R,
+                                    **({} if positions is None else {"positions": _i32(positions)}))
     assert got_ks.tolist() == want_ks and got_ke.tolist() == want_ke and got_t2s.tolist() == want_t2s
 
 
@@ -283,13 +338,15 @@ def test_installed_on_vllm_owners_and_undone() -> None:
     from vllm_indexer_epilog.integrations import vllm_cpu_compat as vllm_cpu
 
     modules = {m.__name__: m for m in (compressor_utils, indexer, sparse_swa, ops_metadata)}
-    before = {s.owner: vars(getattr(modules[s.module], s.owner))["__call__"] for s in md.SITES}
+    sites = [s for s in md.SITES if hasattr(modules[s.module], s.owner)]  # DSpark's: vLLM 0.34.0 on
+    assert {s.owner for s in md.SITES} - {s.owner for s in sites} <= {"ComputeDSparkNoncausalSWAIndicesKernel"}
+    before = {s.owner: vars(getattr(modules[s.module], s.owner))["__call__"] for s in sites}
     kernel_before = ops_metadata._token_request_mapping_kernel
     patcher = Patcher()
     for module in modules.values():
         lines = vllm_cpu._install_metadata(patcher, module)
         assert all("not found" not in line for line in lines), lines
-    for s in md.SITES:
+    for s in sites:
         assert getattr(modules[s.module], s.owner).__call__ is s.impl
     assert isinstance(ops_metadata._token_request_mapping_kernel, md.GridLaunch)
     # Through vLLM's own entry point and module-level instance:
@@ -301,7 +358,7 @@ def test_installed_on_vllm_owners_and_undone() -> None:
     sparse_swa._COMPUTE_PREFILL_METADATA_KERNEL(gl, _i32([10]), _i32([0, 4]), _i32([0]), 1, 0, 128)
     assert gl.tolist() == [4 + 6]
     patcher.undo()
-    for s in md.SITES:
+    for s in sites:
         assert vars(getattr(modules[s.module], s.owner))["__call__"] is before[s.owner]
     assert ops_metadata._token_request_mapping_kernel is kernel_before
 

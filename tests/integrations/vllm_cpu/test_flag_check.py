@@ -15,6 +15,16 @@ from vllm_indexer_epilog.integrations import model_build, patching  # noqa: E402
 from vllm_indexer_epilog.integrations.config import EpilogConfig, EpilogConfigError  # noqa: E402
 
 MODEL = Path(__file__).resolve().parents[3] / "configs" / "dsv4-tiny"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _plugin_undone_afterwards():  # noqa: ANN202
+    """`create_engine_config()` loads vLLM's general plugins, so ours installs its hooks (tile-scheduler fix
+    included) in this process; undo them, so later test modules see vLLM's own classes whatever the order."""
+    yield
+    from vllm_indexer_epilog.integrations import plugin
+
+    plugin.unregister()
 MODEL_SRC = "model config (config.json / --hf-overrides)"
 ADDITIONAL = "--additional-config"
 

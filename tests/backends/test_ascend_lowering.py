@@ -46,6 +46,36 @@ def test_driver_constants_match_the_package() -> None:
                     assert (quant_mode, x, slot, layout) in names
 
 
+def _fake_compile(outcomes: list[str]):  # noqa: ANN202
+    """A compile_variant stand-in: each call stops at the next stage in `outcomes`, writing the error a crashed
+    tool ("crash"), a real compile error ("error") or nothing (reaching hivm) leaves."""
+    def compile_variant(v: dict, outdir: str) -> dict:
+        outcome = outcomes.pop(0)
+        work = Path(outdir) / "v"
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "error.txt").unlink(missing_ok=True)
+        if outcome == "hivm":
+            return {"name": "v", "stage": "hivm", "stopped_by": "Cannot find hivmc-a5 under $PATH"}
+        text = "Stack dump:\n#0 0x0 (triton-adapter-opt)" if outcome == "crash" else "error: 'tt.load' op bad"
+        (work / "error.txt").write_text(text)
+        return {"name": "v", "stage": "ttir", "stopped_by": text.splitlines()[-1]}
+    return compile_variant
+
+
+@pytest.mark.parametrize("outcomes, stage, retried", [
+    (["hivm"], "hivm", False),
+    (["crash", "hivm"], "hivm", True),  # a tool that crashed once gets one more try, and the summary says so
+    (["crash", "crash"], "ttir", True),  # ... but only one
+    (["error", "hivm"], "ttir", False),  # a compile error is not retried
+])
+def test_a_crashed_tool_is_retried_once(tmp_path, monkeypatch, outcomes, stage, retried) -> None:
+    d = _driver()
+    monkeypatch.setattr(d, "compile_variant", _fake_compile(list(outcomes)))
+    result = d.compile_with_retry({}, str(tmp_path))
+    assert result["stage"] == stage
+    assert ("retried_after_tool_crash" in result) == retried
+
+
 @pytest.mark.network
 @pytest.mark.slow
 def test_every_variant_lowers_to_hivm(tmp_path) -> None:

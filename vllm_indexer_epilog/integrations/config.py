@@ -40,6 +40,11 @@ class EpilogConfigError(ValueError):
     """A bad `indexer_epilog` value, or one this platform cannot serve; raised at start-up, never mid-run."""
 
 
+def code_format(quant_mode: int, fp8_dtype: torch.dtype) -> str:
+    """The name of a cache's code format, as logs and stats show it: the fp8 dtype's, or "hifloat8"."""
+    return "hifloat8" if quant_mode == QUANT_MODE_HIFLOAT8 else str(fp8_dtype).removeprefix("torch.")
+
+
 @dataclass(frozen=True)
 class EpilogConfig:
     enabled: bool = True
@@ -60,7 +65,7 @@ class EpilogConfig:
     @property
     def code_format(self) -> str:
         """What the cache codes are: the fp8 dtype's name, or "hifloat8"."""
-        return "hifloat8" if self.hifloat8 else str(self.fp8_dtype).removeprefix("torch.")
+        return code_format(self.quant_mode, self.fp8_dtype)
 
     def describe(self) -> str:
         if self.hifloat8:

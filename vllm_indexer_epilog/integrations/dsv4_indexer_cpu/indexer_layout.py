@@ -32,7 +32,7 @@ from ... import indexer_compress_epilog
 from ...op.dequant import mx_scales_to_float32
 from ...op.spec import DSV4_INDEXER_HEAD_DIM as HEAD_DIM
 from ...op.spec import HIF8_CACHE_DTYPE, QUANT_MODE_HIFLOAT8, QUANT_MODE_MX, QUANT_MODE_STANDARD, SCALE_DTYPE_BY_MODE
-from ..config import EpilogConfig
+from ..config import EpilogConfig, code_format
 from .scoring import fp8_to_float32, hif8_to_float32, paged_logits, row_view
 
 VLLM_ROW_BYTES = HEAD_DIM + 4  # vLLM's own row: e4m3fn codes + float32 scale
@@ -58,7 +58,7 @@ class IndexerLayout:
 
     @property
     def code_format(self) -> str:
-        return "hifloat8" if self.hifloat8 else str(self.fp8_dtype).removeprefix("torch.")
+        return code_format(self.quant_mode, self.fp8_dtype)
 
     def codes_to_float32(self, codes: torch.Tensor) -> torch.Tensor:
         """Exact float32 values of code bytes (a 256-entry table for every format)."""

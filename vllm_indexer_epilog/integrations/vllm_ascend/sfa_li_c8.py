@@ -32,7 +32,7 @@ import inspect
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -143,6 +143,22 @@ class _Calls(threading.local):
 
 
 calls = _Calls()
+
+
+def _quantize_capturing(config: EpilogConfig, quantize: Callable[[], Any], quantizer: str, writer: str) -> Any:
+    """Run the release's key quantization with the proxy capturing (both layout generations share this
+    protocol): the previous layer's key must have been written, and this call must reach npu_dynamic_quant."""
+    if calls.pending is not None:
+        calls.pending = None
+        raise SiteDrift(f"the previous layer's LI-C8 key was never written: {writer}")
+    calls.capturing, calls.quantized = config, False
+    try:
+        out = quantize()
+    finally:
+        calls.capturing = None
+    if not calls.quantized:
+        raise SiteDrift(f"{quantizer} no longer quantizes the key with torch_npu.npu_dynamic_quant")
+    return out
 
 
 class TorchNpuProxy:
@@ -325,18 +341,9 @@ def _install_inline(patcher: Patcher) -> str:
         config = _still_fp8(self)
         if config is None:
             return pre_process(self, x, cos, sin)
-        if calls.pending is not None:
-            calls.pending = None
-            raise SiteDrift("the previous layer's LI-C8 key was never written: AscendSFAImpl.forward no longer "
-                            "scatters the key and then its scale")
-        calls.capturing, calls.quantized = config, False
-        try:
-            out = pre_process(self, x=x, cos=cos, sin=sin)
-        finally:
-            calls.capturing = None
-        if not calls.quantized:
-            raise SiteDrift("indexer_select_pre_process no longer quantizes the key with torch_npu.npu_dynamic_quant")
-        return out
+        return _quantize_capturing(
+            config, lambda: pre_process(self, x=x, cos=cos, sin=sin), "indexer_select_pre_process",
+            "AscendSFAImpl.forward no longer scatters the key and then its scale")
 
     patcher.set(impl, "__init__", __init__, INIT_SITE)
     patcher.set(impl, "indexer_select_pre_process", indexer_select_pre_process, PRE_PROCESS_SITE)
@@ -396,18 +403,9 @@ def _install_backend(patcher: Patcher, module: Any) -> str:
         config = _still_fp8(self)
         if config is None:
             return forward_k(self, *args, **kwargs)
-        if calls.pending is not None:
-            calls.pending = None
-            raise SiteDrift("the previous layer's LI-C8 key was never written: AscendSFAIndexerBackend.forward "
-                            "no longer calls write_cache after forward_k")
-        calls.capturing, calls.quantized = config, False
-        try:
-            out = forward_k(self, *args, **kwargs)
-        finally:
-            calls.capturing = None
-        if not calls.quantized:
-            raise SiteDrift("forward_k no longer quantizes the key with torch_npu.npu_dynamic_quant")
-        return out
+        return _quantize_capturing(
+            config, lambda: forward_k(self, *args, **kwargs), "forward_k",
+            "AscendSFAIndexerBackend.forward no longer calls write_cache after forward_k")
 
     def write_cache_hooked(self: Any, k_li: torch.Tensor, k_li_scale: Any, slot_mapping: torch.Tensor,
                            *args: Any, **kwargs: Any) -> None:

@@ -99,8 +99,8 @@ def main() -> int:
     ok, text = summary(server, check_floor=args.load_format is None)
     print(text)
     if not ok:
-        failures.append("the plugin did not log its line, write indexer rows and serve the indexer read"
-                        + ("" if args.load_format else f", with < {100 * MAX_FLOOR_SHARE:.0f} % of MX rows on the floor"))
+        floor = "" if args.load_format else f", with < {100 * MAX_FLOOR_SHARE:.0f} % of MX rows on the floor"
+        failures.append(f"the plugin did not log its line, write indexer rows and serve the indexer read{floor}")
     for f in failures:
         print("FAILED:", f)
     return 1 if failures else 0

@@ -47,6 +47,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def omp_threads_bind(workers: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers on this host: the allowed cores split into that many
+    lists ("0|1" on 2 cores). vLLM's default ("auto") binds one NUMA node per worker and refuses to start more
+    workers than nodes ("Not enough allowed NUMA nodes"); CI machines have one node. With DP the lists are taken
+    DP rank by DP rank ([DP, PP, TP] order, vllm/utils/ompmultiprocessing.py)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise RuntimeError(f"{workers} CPU workers need {workers} cores; this process may use {cores}")
+    share = len(cores) // workers
+    return "|".join(",".join(map(str, cores[i * share:(i + 1) * share])) for i in range(workers))
+
+
 def token_prompt(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(2, 1000) for _ in range(n)]
@@ -62,6 +74,12 @@ class Server:
     workdir: Path | None = None
     max_num_seqs: int = 8
     extra_args: list[str] = field(default_factory=list)
+    # Scale-out (tests/integrations/vllm_cpu/test_serve_distributed.py). executor None: "uni" for one worker
+    # (the engine runs the model in-process), "mp" for several. data_parallel_size > 1 runs one engine per DP
+    # rank (vLLM's internal load balancing, `--data-parallel-backend mp`), all on 127.0.0.1.
+    executor: str | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="vie-serve-"))
@@ -72,6 +90,11 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def world_size(self) -> int:
+        """Worker processes that run the model (one per TP rank per DP rank)."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -79,7 +102,15 @@ class Server:
         vllm = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
         cmd = [vllm, "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port), "--load-format", "dummy",
                "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096",
-               "--max-num-seqs", str(self.max_num_seqs), "--seed", "0", "--distributed-executor-backend", "uni"]
+               "--max-num-seqs", str(self.max_num_seqs), "--seed", "0",
+               "--distributed-executor-backend", self.executor or ("uni" if self.world_size == 1 else "mp")]
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.data_parallel_size > 1:
+            # The DP coordinator's RPC port defaults to 29550 on every host: a free one, so that parallel runs
+            # on this machine cannot collide (the DP master ports vLLM already picks free).
+            cmd += ["--data-parallel-size", str(self.data_parallel_size), "--data-parallel-backend", "mp",
+                    "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
         if self.flag is not None:
             cmd += ["--additional-config", json.dumps(self.flag)]
         if self.hf_overrides is not None:
@@ -89,6 +120,8 @@ class Server:
     def start(self) -> "Server":
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_INDEXER_EPILOG_STATS_DIR": str(self.stats_dir), **self.env}
+        if self.world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in self.env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(self.world_size)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, preexec_fn=die_with_parent, cwd=self.workdir)

@@ -120,6 +120,10 @@ class Server:
     def start(self) -> "Server":
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_INDEXER_EPILOG_STATS_DIR": str(self.stats_dir), **self.env}
+        # A worker killed by SIGSEGV/SIGBUS/SIGFPE/SIGABRT/SIGILL then prints "Fatal Python error" and where it
+        # was into this log; without it vLLM's engine only says "WorkerProc initialization failed due to an
+        # exception in a background process" and no worker says anything (measured: docs/vllm-cpu.md).
+        env.setdefault("PYTHONFAULTHANDLER", "1")
         if self.world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in self.env:
             env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(self.world_size)
         self._log = open(self.log_path, "wb")
@@ -174,7 +178,7 @@ class Server:
         self.start()
         if not self.wait_ready():
             self.stop()
-            raise RuntimeError(f"vllm serve exited during start-up:\n{self.log_tail()}")
+            raise RuntimeError(f"vllm serve exited during start-up:\n{self.log_tail()}{self.silent_worker_death()}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -226,6 +230,19 @@ class Server:
 
     def stats(self) -> list[dict]:
         return [json.loads(Path(p).read_text()) for p in sorted(glob.glob(str(self.stats_dir / "*.json")))]
+
+    def silent_worker_death(self) -> str:
+        """A note for a start-up failure in which a worker died without a word: no Python exception and no
+        faulthandler dump, so by a signal no handler sees (SIGKILL: the kernel's OOM killer is the usual sender),
+        with the memory the machine has left now."""
+        log = self.log_text()
+        if "WorkerProc initialization failed" not in log or "Fatal Python error" in log:
+            return ""
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+        m = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+        avail = f"{int(m.group(1)) // 1024} MiB" if m else "unknown"
+        return (f"\n[serving] a worker died by a signal during start-up with no traceback (SIGKILL, e.g. the OOM "
+                f"killer, leaves none); MemAvailable now {avail}")
 
     def kv_cache_tokens(self) -> int | None:
         m = re.search(r"CPU KV cache size: ([\d,]+) tokens", self.log_text())

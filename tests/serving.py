@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "configs" / "dsv4-tiny"
+MODEL = ROOT / "configs" / "dsv4-tiny"  # config + tokenizer: what `--load-format dummy` serves
+SERVED_NAME = "dsv4-tiny"  # the model name requests use, whichever weights are served
 LINE = re.compile(r"indexer_epilog: (?P<site>[^:]+): mode=(?P<mode>\S+) round_scale=(?P<rs>\S+) fp8=(?P<fp8>\S+)")
 START_TIMEOUT_S = 420
 REQUEST_TIMEOUT_S = 300
@@ -47,6 +48,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+_checkpoint: Path | None = None
+
+
+def checkpoint_dir() -> Path:
+    """The tiny model with its seeded checkpoint (scripts/make_tiny_checkpoint.py builds it once into the cache
+    folder; a subprocess, so this harness stays free of torch)."""
+    global _checkpoint
+    if _checkpoint is None:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py")], capture_output=True,
+                             text=True, timeout=600, check=True)
+        _checkpoint = Path(out.stdout.strip().splitlines()[-1])
+    return _checkpoint
+
+
 def token_prompt(n: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     return [rng.randrange(2, 1000) for _ in range(n)]
@@ -54,7 +69,8 @@ def token_prompt(n: int, seed: int) -> list[int]:
 
 @dataclass
 class Server:
-    """`vllm serve` of the tiny model. `flag` is the `--additional-config` JSON (None: none given)."""
+    """`vllm serve` of the tiny model. `flag` is the `--additional-config` JSON (None: none given).
+    `load_format`: None serves the seeded checkpoint (`checkpoint_dir()`), "dummy" vLLM's dummy weights."""
 
     flag: dict | None = None
     hf_overrides: dict | None = None
@@ -62,6 +78,7 @@ class Server:
     workdir: Path | None = None
     max_num_seqs: int = 8
     extra_args: list[str] = field(default_factory=list)
+    load_format: str | None = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir or tempfile.mkdtemp(prefix="vie-serve-"))
@@ -77,9 +94,12 @@ class Server:
 
     def command(self) -> list[str]:
         vllm = shutil.which("vllm") or str(Path(sys.executable).with_name("vllm"))
-        cmd = [vllm, "serve", str(MODEL), "--host", "127.0.0.1", "--port", str(self.port), "--load-format", "dummy",
-               "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "4096",
+        model = MODEL if self.load_format == "dummy" else checkpoint_dir()
+        cmd = [vllm, "serve", str(model), "--served-model-name", SERVED_NAME, "--host", "127.0.0.1",
+               "--port", str(self.port), "--enforce-eager", "--max-model-len", "4096",
                "--max-num-seqs", str(self.max_num_seqs), "--seed", "0", "--distributed-executor-backend", "uni"]
+        if self.load_format is not None:
+            cmd += ["--load-format", self.load_format]
         if self.flag is not None:
             cmd += ["--additional-config", json.dumps(self.flag)]
         if self.hf_overrides is not None:
@@ -148,10 +168,10 @@ class Server:
         self.stop()
 
     # ---------------------------------------------------------------------------------------- requests
-    def complete(self, prompt: list[int], max_tokens: int = 4) -> dict:
-        """One /v1/completions request with token ids; returns the response with `elapsed_s` and `ttft_s`
-        (time to the first streamed token)."""
-        body = {"model": str(MODEL), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+    def complete(self, prompt: list[int] | str, max_tokens: int = 4) -> dict:
+        """One /v1/completions request with token ids or text; returns the generated `token_ids` and `text`,
+        `finish_reason`, `usage`, `elapsed_s` and `ttft_s` (time to the first streamed token)."""
+        body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "return_token_ids": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
@@ -159,6 +179,7 @@ class Server:
         t0 = time.perf_counter()
         ttft = None
         tokens: list[int] = []
+        text = ""
         usage = None
         finish = None
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
@@ -173,9 +194,19 @@ class Server:
                     if ids and ttft is None:
                         ttft = time.perf_counter() - t0
                     tokens += ids
+                    text += choice.get("text") or ""
                     finish = choice.get("finish_reason") or finish
-        return {"token_ids": tokens, "finish_reason": finish, "usage": usage, "ttft_s": ttft,
+        return {"token_ids": tokens, "text": text, "finish_reason": finish, "usage": usage, "ttft_s": ttft,
                 "elapsed_s": time.perf_counter() - t0}
+
+    def chat(self, content: str, max_tokens: int = 8) -> dict:
+        """One /v1/chat/completions request (one user message, greedy); returns vLLM's JSON response."""
+        body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+                "temperature": 0.0, "ignore_eos": True}
+        req = urllib.request.Request(self.url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
+            return json.loads(resp.read())
 
     def complete_many(self, prompts: list[list[int]], max_tokens: int = 4, concurrency: int = 8) -> list[dict]:
         with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -199,9 +230,27 @@ class Server:
         return int(m.group(1).replace(",", "")) if m else None
 
 
-def well_formed(resp: dict, max_tokens: int, prompt_len: int) -> bool:
+def well_formed(resp: dict, max_tokens: int, prompt_len: int | None) -> bool:
+    """`complete`'s response has `max_tokens` ids in the vocabulary and the usage to match; `prompt_len` None
+    (a text prompt): any positive prompt length."""
     usage = resp.get("usage") or {}
     ids = resp.get("token_ids") or []
-    return (len(ids) == max_tokens and all(isinstance(t, int) and 0 <= t < 1024 for t in ids)
-            and usage.get("prompt_tokens") == prompt_len and usage.get("completion_tokens") == max_tokens
-            and resp.get("finish_reason") == "length")
+    prompt_ok = usage.get("prompt_tokens") == prompt_len if prompt_len is not None else usage.get("prompt_tokens", 0) > 0
+    return (len(ids) == max_tokens and all(isinstance(t, int) and 0 <= t < 1024 for t in ids) and prompt_ok
+            and usage.get("completion_tokens") == max_tokens and resp.get("finish_reason") == "length")
+
+
+def mx_floor_share(stat: dict) -> float | None:
+    """Share of the indexer rows a process wrote whose MX scale is the one the 1e-4 amax floor gives (every row
+    whose amax was floored, and the few just above the floor in its binade); None outside MX mode or with no rows.
+    MX scales are powers of two, so the stats' log2 histogram holds one bucket per scale value."""
+    if stat.get("mode") != "mx" or not stat.get("rows_written"):
+        return None
+    import torch  # lazily: the rest of the harness is standard library only
+
+    from vllm_indexer_epilog.op.reference import mx_exponent
+    from vllm_indexer_epilog.op.spec import FP8_FORMATS, MX_AMAX_FLOOR
+
+    fmt = FP8_FORMATS[getattr(torch, stat["fp8"])]
+    floor_log2 = int(mx_exponent(torch.tensor([MX_AMAX_FLOOR / 2]), fmt, bool(stat["round_scale"]))[0])
+    return stat["scale"]["log2_histogram"].get(str(floor_log2), 0) / stat["rows_written"]

@@ -1,9 +1,11 @@
-"""End to end: `vllm serve` of the tiny DeepSeek-V4 (dummy weights) with the plugin auto-loaded, one server per
-mode (standard/e4m3fn, MX round/e4m3fn, MX floor/e4m3fn, standard/e5m2, HiFloat8) plus one with the plugin
-disabled.
+"""End to end: `vllm serve` of the tiny DeepSeek-V4 (its seeded checkpoint, scripts/make_tiny_checkpoint.py) with
+the plugin auto-loaded, one server per mode (standard/e4m3fn, MX round/e4m3fn, MX floor/e4m3fn, standard/e5m2,
+HiFloat8) plus one with the plugin disabled.
 
 Each mode's server gets a > 2048-token prompt and a short one (sequential, then compared with the disabled
-server), then 8 concurrent requests. Asserted: the plugin's log line, well-formed responses, every indexer row
+server), then 8 concurrent requests, then a text completion and a chat request. Asserted: the plugin's log line,
+well-formed responses (text and chat included), in MX modes fewer than 1 % of the rows on the 1e-4 amax floor,
+every indexer row
 written equals the op's reference applied to the compressor rows captured in the same run
 (VLLM_INDEXER_EPILOG_CAPTURE_DIR), the indexer read ran (through the plugin's reader where vLLM's cannot read
 the format), vLLM's KV cache size is the same in every mode; in MX round/e4m3fn the codes and scale values equal
@@ -24,7 +26,7 @@ pytest.importorskip("vllm")
 
 import torch  # noqa: E402
 
-from serving import Server, token_prompt, well_formed  # noqa: E402
+from serving import Server, mx_floor_share, token_prompt, well_formed  # noqa: E402
 
 from vllm_indexer_epilog.op.reference import reference_indexer_compress_epilog  # noqa: E402
 from vllm_indexer_epilog.op.spec import SCALE_DTYPE_BY_MODE  # noqa: E402
@@ -62,7 +64,9 @@ def run_server(name: str, flag: dict, tmp: Path) -> dict:
         sequential = [(n, server.complete(token_prompt(n, n), MAX_TOKENS)) for n in (LONG, SHORT)]
         lens = [2100, 16, 40, 2200, 24, 64, 8, 32]
         concurrent = list(zip(lens, server.complete_many([token_prompt(n, 7 * n) for n in lens], MAX_TOKENS, 8)))
-    return {"server": server, "responses": sequential + concurrent, "topk": captures(server, "topk"),
+        text = server.complete("Which rows does the indexer select? Ünïcödé → 索引", MAX_TOKENS)
+        chat = server.chat("What does the indexer cache hold?", MAX_TOKENS)
+    return {"server": server, "responses": sequential + concurrent, "text": text, "chat": chat, "topk": captures(server, "topk"),
             "writes": captures(server, "write"), "stats": server.stats(), "lines": server.plugin_lines(),
             "kv_tokens": server.kv_cache_tokens()}
 
@@ -111,6 +115,10 @@ def test_serve_mode(name: str, plugin_off: dict, vie_tmp: Path) -> None:
 
     for n, resp in run["responses"]:
         assert well_formed(resp, MAX_TOKENS, n), (n, resp)
+    assert well_formed(run["text"], MAX_TOKENS, None) and run["text"]["text"], run["text"]
+    chat = run["chat"]
+    assert chat["model"] == "dsv4-tiny" and chat["usage"]["completion_tokens"] == MAX_TOKENS, chat
+    assert isinstance(chat["choices"][0]["message"]["content"], str), chat
 
     # Memory accounting: the same KV cache (tokens, hence blocks) as with vLLM's own format.
     assert run["kv_tokens"] is not None and run["kv_tokens"] == plugin_off["kv_tokens"]
@@ -137,6 +145,8 @@ def test_serve_mode(name: str, plugin_off: dict, vie_tmp: Path) -> None:
     # The indexer read ran (the long prompts), through the plugin's reader where vLLM's cannot read the format.
     stats = [s for s in run["stats"] if s["rows_written"]]
     assert len(stats) == 1
+    if mx:  # trained magnitudes: RMS-normalized keys, amax O(1), scales off the floor
+        assert mx_floor_share(stats[0]) < 0.01, stats[0]["scale"]
     reads = stats[0]["reads"]
     ours = mx or hif8 or fp8_name != "float8_e4m3fn"
     assert (reads["plugin"] > 0, reads["vllm"] > 0) == (ours, not ours), reads

@@ -1,4 +1,5 @@
-"""Generate with the bundled tiny DeepSeek-V4 (dummy weights) through vllm.LLM on vLLM's CPU platform.
+"""Generate with the bundled tiny DeepSeek-V4 (its seeded checkpoint, or `--load-format dummy`) through vllm.LLM on
+vLLM's CPU platform.
 
     python tests/integrations/vllm_cpu/tiny_generate.py --lens 16 2300 --max-tokens 4
 
@@ -15,6 +16,8 @@ import json
 import os
 import random
 import resource
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -64,7 +67,15 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=4)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load-format", choices=["dummy"], default=None,
+                    help="vLLM's dummy weights instead of the seeded checkpoint (scripts/make_tiny_checkpoint.py)")
     args = ap.parse_args()
+    if args.load_format == "dummy":
+        model, load = MODEL, {"load_format": "dummy"}
+    else:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py")], capture_output=True,
+                             text=True, timeout=600, check=True)
+        model, load = Path(out.stdout.strip().splitlines()[-1]), {}
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     rss = TreeRss()
@@ -73,9 +84,9 @@ def main() -> None:
     from vllm.inputs import TokensPrompt
 
     llm = LLM(
-        model=str(MODEL),
-        load_format="dummy",
-        skip_tokenizer_init=True,
+        model=str(model),
+        **load,
+        skip_tokenizer_init=True,  # token-id prompts only
         enforce_eager=True,
         max_model_len=args.max_model_len,
         max_num_seqs=4,

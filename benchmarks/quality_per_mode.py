@@ -4,8 +4,9 @@ captured queries and keys, plus the agreement between modes and each mode's key 
     python benchmarks/quality_per_mode.py --out benchmarks/results/quality.md      # serve, capture, analyse
     python benchmarks/quality_per_mode.py --capture-dir DIR                        # analyse an earlier capture
 
-Capture (one `vllm serve` of the tiny DeepSeek-V4 through tests/serving.py's `Server`, checkpoint = that harness's
-default load format; VLLM_INDEXER_EPILOG_CAPTURE_DIR on): `--prompts` prompts of `--prompt-len` tokens (default
+Capture (one `vllm serve` of the tiny DeepSeek-V4 through tests/serving.py's `Server`: its default, the seeded
+realistic checkpoint of scripts/make_tiny_checkpoint.py, or `--load-format dummy`; VLLM_INDEXER_EPILOG_CAPTURE_DIR
+on): `--prompts` prompts of `--prompt-len` tokens (default
 4 x 3000, so 750 compressed positions > index_topk = 512 and the indexer really selects), taken from this
 repository's prose through the bundled tokenizer, each sent alone with a few generated tokens. The plugin records,
 in call order, every indexer write (the compressor's bf16 key rows and their slots, before quantization) and
@@ -158,22 +159,24 @@ def prose_prompts(n: int, length: int) -> list[list[int]]:
     return [[0, *ids[i * (length - 1) : (i + 1) * (length - 1)]] for i in range(n)]
 
 
-def capture(out_dir: Path, server_mode: str, prompts: list[list[int]], max_tokens: int) -> dict:
+def capture(out_dir: Path, server_mode: str, prompts: list[list[int]], max_tokens: int,
+            load_format: str | None = None) -> dict:
     """Serve once with capture on (one prompt at a time); returns what the analysis reports about the run."""
     from serving import Server
 
     cap = out_dir / "cap"
     server = Server(flag={"indexer_epilog": FLAGS[server_mode]}, workdir=out_dir,
-                    env={"VLLM_INDEXER_EPILOG_CAPTURE_DIR": str(cap), "VLLM_INDEXER_EPILOG_CAPTURE_LIMIT": "100000"})
+                    env={"VLLM_INDEXER_EPILOG_CAPTURE_DIR": str(cap), "VLLM_INDEXER_EPILOG_CAPTURE_LIMIT": "100000"},
+                    load_format=load_format)
     cmd = server.command()
-    load_format = cmd[cmd.index("--load-format") + 1] if "--load-format" in cmd else "model files"
     t0 = time.monotonic()
     with server:
         for i, p in enumerate(prompts):
             r = server.complete(p, max_tokens)
             print(f"[capture] prompt {i}: {len(p)} tokens, ttft {r['ttft_s']:.1f} s", flush=True)
         lines = server.plugin_lines()
-    meta = {"server_mode": server_mode, "load_format": load_format, "prompts": [len(p) for p in prompts],
+    meta = {"server_mode": server_mode, "load_format": load_format or "seeded checkpoint",
+            "model": cmd[cmd.index("serve") + 1], "prompts": [len(p) for p in prompts],
             "max_tokens": max_tokens, "plugin_line": lines[0] if lines else None,
             "serve_s": round(time.monotonic() - t0, 1), "command": " ".join(cmd)}
     (out_dir / "capture.json").write_text(json.dumps(meta, indent=1))
@@ -281,8 +284,8 @@ def markdown(res: dict, meta: dict | None) -> str:
     k = res["k"]
     out = []
     if meta:
-        out.append(f"Checkpoint: `--load-format {meta['load_format']}`; capture server mode {meta['server_mode']}; "
-                   f"prompts {meta['prompts']} tokens, {meta['max_tokens']} generated each.")
+        out.append(f"Checkpoint: {meta['load_format']} (`{meta.get('model')}`); capture server mode "
+                   f"{meta['server_mode']}; prompts {meta['prompts']} tokens, {meta['max_tokens']} generated each.")
     out.append(f"{res['read_calls']} scoring calls, {res['query_rows']} query rows, {res['selecting_rows']} with more "
                f"than k = {k} causal positions (the rows counted below); {res['written_rows']} key rows written.")
     out.append("")
@@ -323,6 +326,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=3000)
     ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--load-format", choices=["dummy"], default=None,
+                    help="serve vLLM's dummy weights instead of the seeded checkpoint")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     ap.add_argument("--json", type=Path, help="write all numbers here")
     args = ap.parse_args()
@@ -337,7 +342,8 @@ def main() -> int:
         work = args.workdir or Path(tempfile.mkdtemp(prefix="vie-quality-"))
         work.mkdir(parents=True, exist_ok=True)
         print(f"[capture] serving in {work}", flush=True)
-        meta = capture(work, args.server_mode, prose_prompts(args.prompts, args.prompt_len), args.max_tokens)
+        meta = capture(work, args.server_mode, prose_prompts(args.prompts, args.prompt_len), args.max_tokens,
+                       args.load_format)
     t0 = time.monotonic()
     res = analyse(work / "cap", meta["server_mode"] if meta else None)
     print(f"[analyse] {time.monotonic() - t0:.1f} s", flush=True)

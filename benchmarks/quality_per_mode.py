@@ -6,10 +6,10 @@ captured queries and keys, plus the agreement between modes and each mode's key 
 
 Capture (one `vllm serve` of the tiny DeepSeek-V4 through tests/serving.py's `Server`: its default, the seeded
 realistic checkpoint of scripts/make_tiny_checkpoint.py, or `--load-format dummy`; VLLM_INDEXER_EPILOG_CAPTURE_DIR
-on): `--prompts` prompts of `--prompt-len` tokens (default
-4 x 3000, so 750 compressed positions > index_topk = 512 and the indexer really selects), taken from this
-repository's prose (README and docs/*.md at a pinned commit, `--text-rev`) through the bundled tokenizer, each sent alone with a few generated tokens. The plugin records,
-in call order, every indexer write (the compressor's bf16 key rows and their slots, before quantization) and
+on): `--prompts` prompts of `--prompt-len` tokens (default 4 x 3000, so 750 compressed positions > index_topk =
+512 and the indexer really selects), taken from this repository's prose (README and docs/*.md at a pinned commit,
+`--text-rev`) through the bundled tokenizer, each sent alone with a few generated tokens. The plugin records, in
+call order, every indexer write (the compressor's bf16 key rows and their slots, before quantization) and
 every scoring call's query side (FP8 queries, per-head weights, seq_lens, page table) and top-k.
 
 Analysis (offline, no vLLM): the writes are replayed into one slot -> key store per mode, each made by the op

@@ -49,7 +49,9 @@ from vllm_indexer_epilog import indexer_compress_epilog  # noqa: E402
 from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.indexer_layout import (  # noqa: E402
     IndexerLayout, scales_as_float32,
 )
-from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.scoring import fp8_to_float32, paged_logits  # noqa: E402
+from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.scoring import (  # noqa: E402
+    KeyGather, fp8_to_float32, paged_logits,
+)
 from vllm_indexer_epilog.op.spec import (  # noqa: E402
     HIF8_CACHE_DTYPE, QUANT_MODE_HIFLOAT8, QUANT_MODE_MX, QUANT_MODE_STANDARD,
 )
@@ -107,7 +109,8 @@ class KeyStore:
         self.codes[slots] = codes.float()
         self.scale[slots] = scale.float()
 
-    def gather(self, block_size: int):  # -> scoring.KeyGather
+    def gather(self, block_size: int) -> KeyGather:
+        """The `paged_logits` key reader of this store: (pages, offsets) -> (codes, scales) at those slots."""
         def gather(pages: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             slots = pages.long() * block_size + offsets.long()
             return self.codes[slots], self.scale[slots]
@@ -292,6 +295,7 @@ def check_topk(raw: torch.Tensor, logits: torch.Tensor, seq: torch.Tensor, k: in
 
 
 def summary(r: torch.Tensor) -> dict:
+    """Mean, 5th percentile, minimum and share of perfect rows of per-row recalls."""
     return {"mean": float(r.mean()), "p5": float(torch.quantile(r, 0.05)), "min": float(r.min()),
             "exact_rows": float((r == 1).float().mean()), "rows": int(r.numel())}
 
@@ -349,7 +353,6 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="write the markdown table here")
     ap.add_argument("--json", type=Path, help="write all numbers here")
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.capture_dir:
         work = args.capture_dir
         meta_path = work / "capture.json"

@@ -77,8 +77,8 @@ VARIABLES: tuple[EnvVar, ...] = (
            "`indexer-epilog-<pid>.json` there up to date (scripts/serve.sh prints them).",
            WARNS, "not a usable folder: one warning when the vllm-cpu layer installs; no stats files"),
     EnvVar(CAPTURE_DIR, "path (folder)", "unset (off)",
-           "Debugging and the end-to-end tests: each indexer write and top-k saves its inputs and outputs as "
-           "`capture-<pid>-<n>.pt`. Slow; never for production.",
+           "Debugging, the end-to-end tests and benchmarks/quality_per_mode.py: each indexer write, read (the query "
+           "side) and top-k saves its inputs and outputs as `capture-<pid>-<n>.pt`. Slow; never for production.",
            WARNS, "not a usable folder: one warning when the vllm-cpu layer installs; no capture"),
     EnvVar(CAPTURE_LIMIT, "int (>= 0)", "64",
            "Most capture files one process writes.",

@@ -369,6 +369,32 @@ def test_read_hook_runs_the_right_reader(hooked, name: str, monkeypatch: pytest.
         assert torch.equal(got, want)
 
 
+def test_read_hook_captures_the_query_side(hooked, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """With the capture switch on, each scoring call saves a "read" record (benchmarks/quality_per_mode.py rescores
+    from it): the FP8 query bytes and dtype, weights, seq_lens, page table, block size, length, which reader ran;
+    decoding the bytes gives back the queries."""
+    from vllm_indexer_epilog.integrations.dsv4_indexer_cpu import indexer_debug
+    from vllm_indexer_epilog.integrations.dsv4_indexer_cpu.scoring import fp8_to_float32
+
+    monkeypatch.setenv("VLLM_INDEXER_EPILOG_CAPTURE_DIR", str(tmp_path))
+    indexer_debug.reset()
+    try:
+        ic.activate(CONFIGS["mx-round-e4m3fn"])
+        kv2d, _ = _pages_with_rows(ic.state.layout, 5)
+        q, w = _queries(3, 4, 1)
+        seq_lens, table = torch.tensor([10, 200, 512]), torch.stack([torch.randperm(8) for _ in range(3)])
+        hooked.ops.fp8_paged_mqa_logits_cpu(q, kv2d, w, seq_lens, table, BS, 512)
+    finally:
+        monkeypatch.delenv("VLLM_INDEXER_EPILOG_CAPTURE_DIR")
+        indexer_debug.reset()
+    (path,) = tmp_path.glob("capture-*.pt")
+    rec = torch.load(path, weights_only=False)
+    assert rec["kind"] == "read" and rec["reader"] == "plugin" and rec["q_dtype"] == str(q.dtype)
+    assert torch.equal(fp8_to_float32(rec["q"], q.dtype), q.float()) and torch.equal(rec["weight"], w.float())
+    assert torch.equal(rec["seq_lens"], seq_lens) and torch.equal(rec["page_table"], table)
+    assert rec["block_size"] == BS and rec["max_seq_len"] == 512
+
+
 @pytest.mark.parametrize("real", [False, True], ids=["compat", "vllm-cpp"])
 def test_topk_consumers_read_only_t_below_seq_len(real: bool) -> None:
     """The read's consumer masks by seq_len itself: logits beyond seq_len (-inf from the plugin's and compat

@@ -225,6 +225,13 @@ def _patch_read(patcher: Patcher, ops: Any) -> list[str]:
         rec = indexer_debug.recorder
         if rec.active:
             rec.read("plugin" if ours else "vllm", max_seq_len)
+            if rec.capturing:
+                # The query side of this scoring call, so benchmarks/quality_per_mode.py can rescore the same
+                # queries against float32 keys and every other mode's keys offline.
+                rec.capture({"kind": "read", "q": q_fp8.view(torch.uint8).clone(), "q_dtype": str(q_fp8.dtype),
+                             "weight": weight.float().clone(), "seq_lens": seq_lens.clone(),
+                             "page_table": page_table.clone(), "block_size": int(block_size),
+                             "max_seq_len": int(max_seq_len), "reader": "plugin" if ours else "vllm"})
         if not ours:
             return original(q_fp8, kvcache_fp8, weight, seq_lens, page_table, block_size, max_seq_len)
         assert layout is not None

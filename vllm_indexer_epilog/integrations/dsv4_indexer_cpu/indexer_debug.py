@@ -10,6 +10,12 @@ with "pid" and "ranks" besides the fields of its kind:
     kind "write": x (the compressor's bf16 rows of the written tokens), slots, codes / scale_bytes (the cache
                   rows as written), vllm_codes / vllm_scale (what vLLM's own write path writes for the same
                   input: its C++ op, or the compat op), mode, round_scale, fp8
+    kind "read":  the query side of one `fp8_paged_mqa_logits_cpu` call (prefill or decode), captured before
+                  scoring: q (the FP8 queries' bytes, uint8 [B, H, 128]), q_dtype (e.g. "torch.float8_e4m3fn"),
+                  weight (float32 [B, H], vLLM's per-head weights with the query scale folded in), seq_lens
+                  (each row's causal length in compressed positions), page_table, block_size, max_seq_len, reader
+                  ("plugin" or "vllm"); with the "write" captures before it (slot -> x) it is enough to rescore
+                  the call offline with any key format (benchmarks/quality_per_mode.py)
     kind "topk":  raw (the indexer's top-512 local positions per query row), seq_lens
 """
 

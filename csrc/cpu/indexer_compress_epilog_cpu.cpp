@@ -172,6 +172,8 @@ struct Avx2 {
   static VIE_INLINE I max16(I a, I b) { return _mm256_max_epi16(a, b); }
   template <int K>
   static VIE_INLINE I srl(I a) { return _mm256_srli_epi32(a, K); }
+  template <int K>
+  static VIE_INLINE I srl16(I a) { return _mm256_srli_epi16(a, K); }
   static VIE_INLINE F addf(F a, F b) { return _mm256_add_ps(a, b); }
   static VIE_INLINE F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
   static VIE_INLINE F divf(F a, F b) { return _mm256_div_ps(a, b); }
@@ -229,6 +231,24 @@ struct Avx2 {
     const I p0 = _mm256_packs_epi32(enc(a0), enc(b0));
     const I p1 = _mm256_packs_epi32(enc(a1), enc(b1));
     const I ordered = _mm256_permute4x64_epi64(_mm256_packus_epi16(p0, p1), 0xD8);
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    }
+  }
+
+  // MX with bf16 inputs, finite groups whose codes are all normal: x * 2^-e is x's bf16 bits with the
+  // exponent lowered by e (exact, and normal), so the code is computed on the raw 16-bit words, twice the
+  // lanes and no widening or 32 -> 16-bit pack; `enc16` maps |x| words to codes. The packs order codes and
+  // signs alike.
+  template <typename Enc16>
+  static VIE_INLINE void encode_block_words(const c10::BFloat16* src, uint8_t* dst, Enc16 enc16, bool stream) {
+    const I r0 = load(src), r1 = load(src + 16);
+    const I signs = and_(_mm256_packus_epi16(_mm256_srli_epi16(r0, 8), _mm256_srli_epi16(r1, 8)),
+                         _mm256_set1_epi8(char(0x80)));
+    const I codes = _mm256_packus_epi16(enc16(and_(r0, splat16(0x7FFF))), enc16(and_(r1, splat16(0x7FFF))));
+    const I ordered = _mm256_permute4x64_epi64(or_(codes, signs), 0xD8);
     if (stream) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), ordered);
     } else {
@@ -295,6 +315,8 @@ struct Avx512 {
   static VIE_INLINE I max16(I a, I b) { return _mm512_max_epi16(a, b); }
   template <int K>
   static VIE_INLINE I srl(I a) { return _mm512_srli_epi32(a, K); }
+  template <int K>
+  static VIE_INLINE I srl16(I a) { return _mm512_srli_epi16(a, K); }
   static VIE_INLINE F addf(F a, F b) { return _mm512_add_ps(a, b); }
   static VIE_INLINE F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
   static VIE_INLINE F divf(F a, F b) { return _mm512_div_ps(a, b); }
@@ -339,6 +361,21 @@ struct Avx512 {
     const I p0 = _mm512_packs_epi32(enc(a0), enc(b0));
     const I p1 = _mm512_packs_epi32(enc(a1), enc(b1));
     const I ordered = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), _mm512_packus_epi16(p0, p1));
+    if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), ordered);
+    } else {
+      _mm512_storeu_si512(dst, ordered);
+    }
+  }
+
+  // As Avx2::encode_block_words.
+  template <typename Enc16>
+  static VIE_INLINE void encode_block_words(const c10::BFloat16* src, uint8_t* dst, Enc16 enc16, bool stream) {
+    const I r0 = load(src), r1 = load(src + 32);
+    const I signs = and_(_mm512_packus_epi16(_mm512_srli_epi16(r0, 8), _mm512_srli_epi16(r1, 8)),
+                         _mm512_set1_epi8(char(0x80)));
+    const I codes = _mm512_packus_epi16(enc16(and_(r0, splat16(0x7FFF))), enc16(and_(r1, splat16(0x7FFF))));
+    const I ordered = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), or_(codes, signs));
     if (stream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), ordered);
     } else {
@@ -426,6 +463,23 @@ VIE_INLINE void encode_group_simd(const In* __restrict src, uint8_t* __restrict 
       return encode_lanes<V, Fmt, Checked, Saturate, kSigned>(q, V::bits(q));
     }
   };
+  if constexpr (Q == Quotient::kMultiply && !Checked && std::is_same_v<In, c10::BFloat16>) {
+    // encode_lanes' rounding on bf16 words: drop 7 - m mantissa bits to nearest even, and in the same add
+    // lower the exponent by e (the multiply) and rebias it (all mod 2^16: the true sum is a small positive
+    // code << kDrop16, since every |q| is a normal fp8 value, or above FMAX when Saturate).
+    constexpr int kDrop16 = 7 - Fmt::kMant;
+    const int32_t e = int32_t(gs.e8m0) - 127;
+    const auto add = V::splat16(int16_t(uint16_t(
+        uint32_t((1 << (kDrop16 - 1)) - 1) - (uint32_t(e) << 7) - (uint32_t(127 - Fmt::kBias) << 7))));
+    auto enc16 = [&](typename V::I mag) {
+      const auto odd = V::and_(V::template srl16<kDrop16>(mag), V::splat16(1));
+      auto code = V::template srl16<kDrop16>(V::add16(V::add16(mag, add), odd));
+      if constexpr (Saturate) code = V::min16(code, V::splat16(Fmt::kMaxCode));
+      return code;
+    };
+    for (int i = 0; i < kGroupSize; i += V::kBlock) V::encode_block_words(src + i, dst + i, enc16, stream);
+    return;
+  }
   for (int i = 0; i < kGroupSize; i += V::kBlock) {
     if constexpr (kSigned) {
       V::encode_block(src + i, dst + i, enc, stream);

@@ -148,3 +148,35 @@ def test_build_packed_pages(built_op) -> None:
         pages[:, : bs * d] = rv.view(torch.uint8).view(nb, -1)
         pages[:, bs * d : bs * d + bs * ssize] = rs.view(torch.uint8).reshape(nb, -1)
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("round_scale", [True, False], ids=["mx_ceil", "mx_floor"])
+def test_build_mx_every_bf16_magnitude(built_op, cache_dtype, round_scale) -> None:
+    """MX groups of bf16 whose codes are all normal (the vector paths' fast encode, on raw bf16 words):
+    every bf16 magnitude from the group's smallest normal quotient up to its amax, both signs, for amax
+    across the exponent range (scales 2^-120 .. 2^110), against the reference."""
+    fmax = 448.0 if cache_dtype == torch.float8_e4m3fn else 57344.0
+    min_normal = 2.0**-6 if cache_dtype == torch.float8_e4m3fn else 2.0**-14
+    all_bf16 = torch.arange(0x0080, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    rows = []
+    for k in range(-120, 111, 7):
+        for amax in (fmax * 2.0**k, fmax * 2.0**k * 1.75, fmax * 2.0**k * 0.6):
+            a = torch.tensor(amax).bfloat16().float()
+            # The scale the rule gives (a power of two); magnitudes whose quotient is a normal fp8 value.
+            e = torch.ceil(torch.log2(a / fmax)) if round_scale else torch.floor(torch.log2(a)) - (8 if fmax == 448.0 else 15)
+            lo = min_normal * 2.0 ** float(e)
+            vals = all_bf16[(all_bf16 >= lo) & (all_bf16 <= a)]
+            vals = torch.cat([vals, torch.full(((-len(vals)) % 127,), float(a))])
+            grid = vals.view(-1, 127)
+            grid = grid * torch.where(torch.rand(grid.shape) < 0.5, -1.0, 1.0)
+            rows.append(torch.cat([torch.full((grid.shape[0], 1), float(a)), grid], dim=1))
+    x = torch.cat(rows).to(torch.bfloat16).contiguous()
+    t = x.shape[0]
+    slots = torch.randperm(t + 8)[:t]
+    got_c, got_s = poisoned(t + 8, 128, cache_dtype, 0, seed=t)
+    want_c, want_s = got_c.clone(), got_s.clone()
+    built_op(got_c, got_s, x, slots, 0, round_scale)
+    reference_indexer_compress_epilog(want_c, want_s, x, slots, quant_mode=0, round_scale=round_scale)
+    np.testing.assert_array_equal(as_bytes(got_c), as_bytes(want_c))
+    np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s))

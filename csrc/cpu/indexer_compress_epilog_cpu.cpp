@@ -67,7 +67,8 @@ VIE_INLINE void widen<c10::Half>(const c10::Half* __restrict src, int n, float* 
 // The scale of one group, from its finite amax: what is stored, and what multiplies or divides x.
 struct GroupScale {
   float divisor;     // standard mode: S (x / S)
-  float multiplier;  // MX: 2^-e (x * 2^-e rounds exactly like x / 2^e)
+  float multiplier;  // MX: 2^-e (x * 2^-e rounds exactly like x / 2^e); standard: RN(1/S) where the
+                     // vector path divides through it (reciprocal_quotient), else unused
   uint8_t e8m0;      // MX: the stored byte e + 127
 };
 
@@ -126,104 +127,364 @@ void quantize_group_generic(const In* __restrict src, int n, uint8_t* __restrict
   }
 }
 
+// ---- Vector paths: AVX-512 (F/BW/VL) where the compiler targets it, else AVX2 ----------------------
+// One body for full groups (stats, scale, quotient, encode) written against a small set of lane operations;
+// each ISA supplies those and its own load/narrow/store of a block of codes. -march=native picks the ISA,
+// and the build key holds the host's CPU flags, so an AVX-512 host gets its own build. AVX512_BF16 is not
+// used: its instructions narrow float32 to bf16 (and dot products), while widening bf16 is a 16-bit shift.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define VIE_AVX512 1
+constexpr const char* kIsa = "avx512";
+#elif defined(__AVX2__)
+constexpr const char* kIsa = "avx2";
+#else
+constexpr const char* kIsa = "portable";
+#endif
+
 #ifdef __AVX2__
-// Full groups with AVX2: 16 vectors of 8 lanes, read twice from L1 (amax, then encode), stored as
-// 32-byte blocks of codes.
-template <typename In>
-VIE_INLINE __m256 load8(const In* p);
-template <>
-VIE_INLINE __m256 load8<c10::BFloat16>(const c10::BFloat16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-template <>
-VIE_INLINE __m256 load8<c10::Half>(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-template <>
-VIE_INLINE __m256 load8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
-}
+// How a group's quotients are formed: MX multiplies by 2^-e (exact wherever x / 2^e is, and rounds like it
+// where the product is subnormal, being the same real number); standard mode uses reciprocal_quotient()
+// where fp8_codec.h says it is exact, and vdivps elsewhere.
+enum class Quotient { kMultiply, kReciprocal, kDivide };
 
-VIE_INLINE __m256i splat(int32_t v) { return _mm256_set1_epi32(v); }
+struct Avx2 {
+  using F = __m256;
+  using I = __m256i;
+  static constexpr int kLanes = 8;
+  static constexpr int kBlock = 32;  // inputs per encode_block
+  static constexpr uintptr_t kStreamAlign = 32;
 
-// encode_fp8 on 8 lanes. Checked handles everything (subnormals, NaN) like the scalar encoder; without
+  static VIE_INLINE I splat(int32_t v) { return _mm256_set1_epi32(v); }
+  static VIE_INLINE I splat16(int16_t v) { return _mm256_set1_epi16(v); }
+  static VIE_INLINE F splatf(float v) { return _mm256_set1_ps(v); }
+  static VIE_INLINE I bits(F v) { return _mm256_castps_si256(v); }
+  static VIE_INLINE F flt(I v) { return _mm256_castsi256_ps(v); }
+  static VIE_INLINE I zero() { return _mm256_setzero_si256(); }
+  static VIE_INLINE I load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static VIE_INLINE I and_(I a, I b) { return _mm256_and_si256(a, b); }
+  static VIE_INLINE I or_(I a, I b) { return _mm256_or_si256(a, b); }
+  static VIE_INLINE I add(I a, I b) { return _mm256_add_epi32(a, b); }
+  static VIE_INLINE I sub(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static VIE_INLINE I min(I a, I b) { return _mm256_min_epi32(a, b); }
+  static VIE_INLINE I max(I a, I b) { return _mm256_max_epi32(a, b); }
+  static VIE_INLINE I add16(I a, I b) { return _mm256_add_epi16(a, b); }
+  static VIE_INLINE I min16(I a, I b) { return _mm256_min_epi16(a, b); }
+  static VIE_INLINE I max16(I a, I b) { return _mm256_max_epi16(a, b); }
+  template <int K>
+  static VIE_INLINE I srl(I a) { return _mm256_srli_epi32(a, K); }
+  template <int K>
+  static VIE_INLINE I srl16(I a) { return _mm256_srli_epi16(a, K); }
+  static VIE_INLINE F addf(F a, F b) { return _mm256_add_ps(a, b); }
+  static VIE_INLINE F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+  static VIE_INLINE F divf(F a, F b) { return _mm256_div_ps(a, b); }
+#ifdef __FMA__
+  static VIE_INLINE F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static VIE_INLINE F fnmadd(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+#endif
+  // a > b (signed) ? t : f, per lane
+  static VIE_INLINE I select_gt(I a, I b, I t, I f) { return _mm256_blendv_epi8(f, t, _mm256_cmpgt_epi32(a, b)); }
+  static VIE_INLINE int32_t hmax(I v) {
+    __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+    return _mm_cvtsi128_si32(m);
+  }
+  static VIE_INLINE int32_t hmin(I v) {
+    __m128i m = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0x4E));
+    m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0xB1));
+    return _mm_cvtsi128_si32(m);
+  }
+  static VIE_INLINE bool any_negative32(I v) { return _mm256_movemask_ps(flt(v)) != 0; }
+  static VIE_INLINE bool any_negative16(I v) { return (_mm256_movemask_epi8(v) & 0xAAAAAAAA) != 0; }
+
+  // 16 inputs as two vectors whose lanes the 32 -> 16-bit pack puts back in order. bf16 widens by
+  // interleaving zero halves (one op per 8 lanes), an order _mm256_packs_epi32 undoes, as it works within
+  // 128-bit lanes; other types are reordered to [0-3 | 8-11] and [4-7 | 12-15] for the same pack.
+  template <typename In>
+  static VIE_INLINE void load_pair(const In* p, F& a, F& b) {
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      const I v = load(p);
+      a = flt(_mm256_unpacklo_epi16(zero(), v));
+      b = flt(_mm256_unpackhi_epi16(zero(), v));
+    } else {
+      F lo, hi;
+      if constexpr (std::is_same_v<In, c10::Half>) {
+        lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+      } else {
+        lo = _mm256_loadu_ps(p);
+        hi = _mm256_loadu_ps(p + 8);
+      }
+      a = _mm256_permute2f128_ps(lo, hi, 0x20);
+      b = _mm256_permute2f128_ps(lo, hi, 0x31);
+    }
+  }
+
+  // Codes of kBlock inputs: each packs_epi32 yields 16 codes in order; packus_epi16 interleaves the two by
+  // 128-bit lane, which the 64-bit permute undoes. Codes are 0..255, so both packs are exact.
+  template <typename In, typename Enc>
+  static VIE_INLINE void encode_block(const In* src, uint8_t* dst, Enc enc, bool stream) {
+    F a0, b0, a1, b1;
+    load_pair(src, a0, b0);
+    load_pair(src + 16, a1, b1);
+    const I p0 = _mm256_packs_epi32(enc(a0), enc(b0));
+    const I p1 = _mm256_packs_epi32(enc(a1), enc(b1));
+    const I ordered = _mm256_permute4x64_epi64(_mm256_packus_epi16(p0, p1), 0xD8);
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    }
+  }
+
+  // MX with bf16 inputs, finite groups whose codes are all normal: x * 2^-e is x's bf16 bits with the
+  // exponent lowered by e (exact, and normal), so the code is computed on the raw 16-bit words, twice the
+  // lanes and no widening or 32 -> 16-bit pack; `enc16` maps |x| words to codes. The packs order codes and
+  // signs alike.
+  template <typename Enc16>
+  static VIE_INLINE void encode_block_words(const c10::BFloat16* src, uint8_t* dst, Enc16 enc16, bool stream) {
+    const I r0 = load(src), r1 = load(src + 16);
+    const I signs = and_(_mm256_packus_epi16(_mm256_srli_epi16(r0, 8), _mm256_srli_epi16(r1, 8)),
+                         _mm256_set1_epi8(char(0x80)));
+    const I codes = _mm256_packus_epi16(enc16(and_(r0, splat16(0x7FFF))), enc16(and_(r1, splat16(0x7FFF))));
+    const I ordered = _mm256_permute4x64_epi64(or_(codes, signs), 0xD8);
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    }
+  }
+
+  // The fast block of 16-bit inputs (finite groups whose codes are all normal): `enc` gets |x| and returns
+  // codes without sign, and the sign bytes come from the raw inputs' high bytes in one pack, which orders
+  // them as packus_epi16 orders the codes. That saves the per-lane sign work (3 ops per 8 inputs) for 5 per
+  // 32. fp16 skips load_pair's 128-bit reordering: the codes come out in 32-bit chunks [0 2 4 6 1 3 5 7],
+  // which one dword permute undoes, and the signs then take bf16's order fix separately.
+  template <typename In, typename Enc>
+  static VIE_INLINE void encode_block_fast(const In* src, uint8_t* dst, Enc enc, bool stream) {
+    const I abs_mask = splat16(0x7FFF);
+    const I r0 = load(src), r1 = load(src + 16);
+    const I signs = and_(_mm256_packus_epi16(_mm256_srli_epi16(r0, 8), _mm256_srli_epi16(r1, 8)),
+                         _mm256_set1_epi8(char(0x80)));
+    const I m0 = and_(r0, abs_mask), m1 = and_(r1, abs_mask);
+    I ordered;
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      const I p0 = _mm256_packs_epi32(enc(flt(_mm256_unpacklo_epi16(zero(), m0))), enc(flt(_mm256_unpackhi_epi16(zero(), m0))));
+      const I p1 = _mm256_packs_epi32(enc(flt(_mm256_unpacklo_epi16(zero(), m1))), enc(flt(_mm256_unpackhi_epi16(zero(), m1))));
+      ordered = _mm256_permute4x64_epi64(or_(_mm256_packus_epi16(p0, p1), signs), 0xD8);
+    } else {
+      const I p0 = _mm256_packs_epi32(enc(_mm256_cvtph_ps(_mm256_castsi256_si128(m0))),
+                                      enc(_mm256_cvtph_ps(_mm256_extracti128_si256(m0, 1))));
+      const I p1 = _mm256_packs_epi32(enc(_mm256_cvtph_ps(_mm256_castsi256_si128(m1))),
+                                      enc(_mm256_cvtph_ps(_mm256_extracti128_si256(m1, 1))));
+      const I codes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p0, p1), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+      ordered = or_(codes, _mm256_permute4x64_epi64(signs, 0xD8));
+    }
+    if (stream) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    } else {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), ordered);
+    }
+  }
+};
+
+#ifdef VIE_AVX512
+struct Avx512 {
+  using F = __m512;
+  using I = __m512i;
+  static constexpr int kLanes = 16;
+  static constexpr int kBlock = 64;
+  static constexpr uintptr_t kStreamAlign = 64;
+
+  static VIE_INLINE I splat(int32_t v) { return _mm512_set1_epi32(v); }
+  static VIE_INLINE I splat16(int16_t v) { return _mm512_set1_epi16(v); }
+  static VIE_INLINE F splatf(float v) { return _mm512_set1_ps(v); }
+  static VIE_INLINE I bits(F v) { return _mm512_castps_si512(v); }
+  static VIE_INLINE F flt(I v) { return _mm512_castsi512_ps(v); }
+  static VIE_INLINE I zero() { return _mm512_setzero_si512(); }
+  static VIE_INLINE I load(const void* p) { return _mm512_loadu_si512(p); }
+  static VIE_INLINE I and_(I a, I b) { return _mm512_and_si512(a, b); }
+  static VIE_INLINE I or_(I a, I b) { return _mm512_or_si512(a, b); }
+  static VIE_INLINE I add(I a, I b) { return _mm512_add_epi32(a, b); }
+  static VIE_INLINE I sub(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static VIE_INLINE I min(I a, I b) { return _mm512_min_epi32(a, b); }
+  static VIE_INLINE I max(I a, I b) { return _mm512_max_epi32(a, b); }
+  static VIE_INLINE I add16(I a, I b) { return _mm512_add_epi16(a, b); }
+  static VIE_INLINE I min16(I a, I b) { return _mm512_min_epi16(a, b); }
+  static VIE_INLINE I max16(I a, I b) { return _mm512_max_epi16(a, b); }
+  template <int K>
+  static VIE_INLINE I srl(I a) { return _mm512_srli_epi32(a, K); }
+  template <int K>
+  static VIE_INLINE I srl16(I a) { return _mm512_srli_epi16(a, K); }
+  static VIE_INLINE F addf(F a, F b) { return _mm512_add_ps(a, b); }
+  static VIE_INLINE F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
+  static VIE_INLINE F divf(F a, F b) { return _mm512_div_ps(a, b); }
+  static VIE_INLINE F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static VIE_INLINE F fnmadd(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+  static VIE_INLINE I select_gt(I a, I b, I t, I f) { return _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(a, b), f, t); }
+  static VIE_INLINE int32_t hmax(I v) { return _mm512_reduce_max_epi32(v); }
+  static VIE_INLINE int32_t hmin(I v) { return _mm512_reduce_min_epi32(v); }
+  static VIE_INLINE bool any_negative32(I v) { return _mm512_cmplt_epi32_mask(v, zero()) != 0; }
+  static VIE_INLINE bool any_negative16(I v) { return _mm512_movepi16_mask(v) != 0; }
+
+  // 32 inputs as two vectors in the lane order that the 32 -> 16-bit pack (per 128-bit lane) restores:
+  // lane k of `a` holds inputs 8k..8k+3, of `b` 8k+4..8k+7. bf16's zero interleave gives exactly that;
+  // other types pick 128-bit lanes of two 16-lane loads.
+  template <typename In>
+  static VIE_INLINE void load_pair(const In* p, F& a, F& b) {
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      const I v = load(p);
+      a = flt(_mm512_unpacklo_epi16(zero(), v));
+      b = flt(_mm512_unpackhi_epi16(zero(), v));
+    } else {
+      F lo, hi;
+      if constexpr (std::is_same_v<In, c10::Half>) {
+        lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+      } else {
+        lo = _mm512_loadu_ps(p);
+        hi = _mm512_loadu_ps(p + 16);
+      }
+      a = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+      b = _mm512_shuffle_f32x4(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+    }
+  }
+
+  // As Avx2::encode_block, twice as wide: after the two packs, 64-bit word 2k holds inputs 8k..8k+7 and
+  // word 2k+1 inputs 32+8k..; one permute puts them in order.
+  template <typename In, typename Enc>
+  static VIE_INLINE void encode_block(const In* src, uint8_t* dst, Enc enc, bool stream) {
+    F a0, b0, a1, b1;
+    load_pair(src, a0, b0);
+    load_pair(src + 32, a1, b1);
+    const I p0 = _mm512_packs_epi32(enc(a0), enc(b0));
+    const I p1 = _mm512_packs_epi32(enc(a1), enc(b1));
+    const I ordered = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), _mm512_packus_epi16(p0, p1));
+    if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), ordered);
+    } else {
+      _mm512_storeu_si512(dst, ordered);
+    }
+  }
+
+  // As Avx2::encode_block_words.
+  template <typename Enc16>
+  static VIE_INLINE void encode_block_words(const c10::BFloat16* src, uint8_t* dst, Enc16 enc16, bool stream) {
+    const I r0 = load(src), r1 = load(src + 32);
+    const I signs = and_(_mm512_packus_epi16(_mm512_srli_epi16(r0, 8), _mm512_srli_epi16(r1, 8)),
+                         _mm512_set1_epi8(char(0x80)));
+    const I codes = _mm512_packus_epi16(enc16(and_(r0, splat16(0x7FFF))), enc16(and_(r1, splat16(0x7FFF))));
+    const I ordered = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), or_(codes, signs));
+    if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), ordered);
+    } else {
+      _mm512_storeu_si512(dst, ordered);
+    }
+  }
+
+  // As Avx2::encode_block_fast. fp16's codes come out in 32-bit chunks at position 4 (m % 4) + m / 4.
+  template <typename In, typename Enc>
+  static VIE_INLINE void encode_block_fast(const In* src, uint8_t* dst, Enc enc, bool stream) {
+    const I abs_mask = splat16(0x7FFF);
+    const I r0 = load(src), r1 = load(src + 32);
+    const I signs = and_(_mm512_packus_epi16(_mm512_srli_epi16(r0, 8), _mm512_srli_epi16(r1, 8)),
+                         _mm512_set1_epi8(char(0x80)));
+    const I m0 = and_(r0, abs_mask), m1 = and_(r1, abs_mask);
+    const I qword_order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+    I ordered;
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      const I p0 = _mm512_packs_epi32(enc(flt(_mm512_unpacklo_epi16(zero(), m0))), enc(flt(_mm512_unpackhi_epi16(zero(), m0))));
+      const I p1 = _mm512_packs_epi32(enc(flt(_mm512_unpacklo_epi16(zero(), m1))), enc(flt(_mm512_unpackhi_epi16(zero(), m1))));
+      ordered = _mm512_permutexvar_epi64(qword_order, or_(_mm512_packus_epi16(p0, p1), signs));
+    } else {
+      const I p0 = _mm512_packs_epi32(enc(_mm512_cvtph_ps(_mm512_castsi512_si256(m0))),
+                                      enc(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(m0, 1))));
+      const I p1 = _mm512_packs_epi32(enc(_mm512_cvtph_ps(_mm512_castsi512_si256(m1))),
+                                      enc(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(m1, 1))));
+      const I chunk_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+      const I codes = _mm512_permutexvar_epi32(chunk_order, _mm512_packus_epi16(p0, p1));
+      ordered = or_(codes, _mm512_permutexvar_epi64(qword_order, signs));
+    }
+    if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), ordered);
+    } else {
+      _mm512_storeu_si512(dst, ordered);
+    }
+  }
+};
+using Simd = Avx512;
+#else
+using Simd = Avx2;
+#endif
+
+// encode_fp8 on a vector. Checked handles everything (subnormals, NaN) like the scalar encoder; without
 // it, lanes must be finite with |q| >= the smallest normal fp8 value. Without Saturate, lanes must also
-// have |q| <= FMAX.
-template <typename Fmt, bool Checked, bool Saturate>
-VIE_INLINE __m256i encode8(__m256 q) {
+// have |q| <= FMAX. Signed takes the sign bit from `sign` (q's bits, or x's where q may have lost it);
+// otherwise q >= 0 and the caller adds the sign.
+template <typename V, typename Fmt, bool Checked, bool Saturate, bool Signed>
+VIE_INLINE typename V::I encode_lanes(typename V::F q, typename V::I sign) {
   constexpr int kDrop = 23 - Fmt::kMant;
-  const __m256i bits = _mm256_castps_si256(q);
-  const __m256i mag = _mm256_and_si256(bits, splat(0x7FFFFFFF));
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(mag, kDrop), splat(1));
-  __m256i code = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(mag, splat((1 << (kDrop - 1)) - 1)), odd), kDrop);
-  code = _mm256_sub_epi32(code, splat((127 - Fmt::kBias) << Fmt::kMant));
-  if constexpr (Saturate) code = _mm256_min_epi32(code, splat(Fmt::kMaxCode));
+  const auto mag = Signed ? V::and_(V::bits(q), V::splat(0x7FFFFFFF)) : V::bits(q);
+  const auto odd = V::and_(V::template srl<kDrop>(mag), V::splat(1));
+  // Round to nearest even at bit kDrop and rebias the exponent in one add: the result is the code for
+  // every normal fp8 magnitude (smaller ones wrap, and Checked replaces them).
+  constexpr int32_t kRoundRebias = int32_t((1u << (kDrop - 1)) - 1 - (uint32_t(127 - Fmt::kBias) << 23));
+  auto code = V::template srl<kDrop>(V::add(V::add(mag, V::splat(kRoundRebias)), odd));
+  if constexpr (Saturate) code = V::min(code, V::splat(Fmt::kMaxCode));
   if constexpr (Checked) {
     constexpr int32_t kMagicBits = int32_t(127 + 23 + 1 - Fmt::kBias - Fmt::kMant) << 23;
-    const __m256 sum = _mm256_add_ps(_mm256_castsi256_ps(mag), _mm256_castsi256_ps(splat(kMagicBits)));
-    const __m256i sub = _mm256_sub_epi32(_mm256_castps_si256(sum), splat(kMagicBits));
-    code = _mm256_blendv_epi8(code, sub, _mm256_cmpgt_epi32(splat(int32_t(Fmt::kMinNormalBits)), mag));
+    const auto sum = V::addf(V::flt(mag), V::flt(V::splat(kMagicBits)));
+    const auto sub = V::sub(V::bits(sum), V::splat(kMagicBits));
+    code = V::select_gt(V::splat(int32_t(Fmt::kMinNormalBits)), mag, sub, code);
   }
-  code = _mm256_or_si256(code, _mm256_srli_epi32(_mm256_and_si256(bits, splat(int32_t(0x80000000u))), 24));
-  if constexpr (Checked) {
-    code = _mm256_blendv_epi8(code, splat(kNanCode), _mm256_cmpgt_epi32(mag, splat(0x7F800000)));
-  }
+  if constexpr (Signed) code = V::or_(code, V::template srl<24>(V::and_(sign, V::splat(int32_t(0x80000000u)))));
+  if constexpr (Checked) code = V::select_gt(mag, V::splat(0x7F800000), V::splat(kNanCode), code);
   return code;
 }
 
-VIE_INLINE int32_t hmax(__m256i v) {
-  __m128i m = _mm_max_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0x4E));
-  m = _mm_max_epi32(m, _mm_shuffle_epi32(m, 0xB1));
-  return _mm_cvtsi128_si32(m);
-}
-VIE_INLINE int32_t hmin(__m256i v) {
-  __m128i m = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0x4E));
-  m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0xB1));
-  return _mm_cvtsi128_si32(m);
-}
-
-// Codes for 16 inputs as two float vectors whose lanes the 32->16-bit pack puts back in order.
-// bf16 widens by interleaving zero halves (one op per 8 lanes); the interleave's lane order is exactly
-// undone by _mm256_packs_epi32, which works within 128-bit lanes too.
-template <typename In>
-VIE_INLINE void load16(const In* p, __m256& a, __m256& b) {
-  if constexpr (std::is_same_v<In, c10::BFloat16>) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
-    b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
-  } else {
-    // The pack below interleaves 128-bit lanes of its two inputs: give it [0-3 | 8-11] and [4-7 | 12-15].
-    const __m256 lo = load8(p), hi = load8(p + 8);
-    a = _mm256_permute2f128_ps(lo, hi, 0x20);
-    b = _mm256_permute2f128_ps(lo, hi, 0x31);
-  }
-}
-
-template <typename In, typename Fmt, ScaleRule Rule, bool Checked, bool Saturate>
-VIE_INLINE void encode_group_avx2(const In* __restrict src, uint8_t* __restrict dst, const GroupScale& gs,
+template <typename V, typename In, typename Fmt, Quotient Q, bool Checked, bool Saturate>
+VIE_INLINE void encode_group_simd(const In* __restrict src, uint8_t* __restrict dst, const GroupScale& gs,
                                   bool stream) {
-  const __m256 factor = _mm256_set1_ps(Rule == ScaleRule::kStandard ? gs.divisor : gs.multiplier);
-  auto scaled = [&](__m256 v) {
-    return Rule == ScaleRule::kStandard ? _mm256_div_ps(v, factor) : _mm256_mul_ps(v, factor);
-  };
-  for (int i = 0; i < kGroupSize; i += 32) {
-    __m256 a0, b0, a1, b1;
-    load16(src + i, a0, b0);
-    load16(src + i + 16, a1, b1);
-    // Each packs_epi32 yields 16 codes in order; packus_epi16 then interleaves the two by 128-bit lane,
-    // which the 64-bit permute undoes. Codes are 0..255, so both packs are exact.
-    const __m256i p0 = _mm256_packs_epi32(encode8<Fmt, Checked, Saturate>(scaled(a0)),
-                                          encode8<Fmt, Checked, Saturate>(scaled(b0)));
-    const __m256i p1 = _mm256_packs_epi32(encode8<Fmt, Checked, Saturate>(scaled(a1)),
-                                          encode8<Fmt, Checked, Saturate>(scaled(b1)));
-    const __m256i ordered = _mm256_permute4x64_epi64(_mm256_packus_epi16(p0, p1), 0xD8);
-    if (stream) {
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
+  using F = typename V::F;
+  // Unchecked groups of 16-bit inputs encode magnitudes and take the signs from the raw inputs.
+  constexpr bool kSigned = Checked || std::is_same_v<In, float>;
+  const F s = V::splatf(gs.divisor), m = V::splatf(gs.multiplier);
+  auto enc = [&](F x) {
+    if constexpr (Q == Quotient::kMultiply) {
+      const F q = V::mulf(x, m);
+      return encode_lanes<V, Fmt, Checked, Saturate, kSigned>(q, V::bits(q));
+    } else if constexpr (Q == Quotient::kReciprocal) {
+      const F q0 = V::mulf(x, m);
+      const F q = V::fmadd(V::fnmadd(q0, s, x), m, q0);
+      return encode_lanes<V, Fmt, Checked, Saturate, kSigned>(q, V::bits(x));
     } else {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), ordered);
+      const F q = V::divf(x, s);
+      return encode_lanes<V, Fmt, Checked, Saturate, kSigned>(q, V::bits(q));
+    }
+  };
+  if constexpr (Q == Quotient::kMultiply && !Checked && std::is_same_v<In, c10::BFloat16>) {
+    // encode_lanes' rounding on bf16 words: drop 7 - m mantissa bits to nearest even, and in the same add
+    // lower the exponent by e (the multiply) and rebias it (all mod 2^16: the true sum is a small positive
+    // code << kDrop16, since every |q| is a normal fp8 value, or above FMAX when Saturate).
+    constexpr int kDrop16 = 7 - Fmt::kMant;
+    const int32_t e = int32_t(gs.e8m0) - 127;
+    const auto add = V::splat16(int16_t(uint16_t(
+        uint32_t((1 << (kDrop16 - 1)) - 1) - (uint32_t(e) << 7) - (uint32_t(127 - Fmt::kBias) << 7))));
+    auto enc16 = [&](typename V::I mag) {
+      const auto odd = V::and_(V::template srl16<kDrop16>(mag), V::splat16(1));
+      auto code = V::template srl16<kDrop16>(V::add16(V::add16(mag, add), odd));
+      if constexpr (Saturate) code = V::min16(code, V::splat16(Fmt::kMaxCode));
+      return code;
+    };
+    for (int i = 0; i < kGroupSize; i += V::kBlock) V::encode_block_words(src + i, dst + i, enc16, stream);
+    return;
+  }
+  for (int i = 0; i < kGroupSize; i += V::kBlock) {
+    if constexpr (kSigned) {
+      V::encode_block(src + i, dst + i, enc, stream);
+    } else {
+      V::encode_block_fast(src + i, dst + i, enc, stream);
     }
   }
 }
@@ -238,80 +499,158 @@ struct GroupStats {
 // Adding 2^k (k: the format's lowest exponent bit) to a magnitude keeps finite values positive and
 // turns Inf/NaN negative, so one signed max gives the finite amax and the sign bits of an OR tell
 // whether any element was not finite.
-template <typename In>
-VIE_INLINE GroupStats group_stats_avx2(const In* __restrict src) {
+template <typename V, typename In>
+VIE_INLINE GroupStats group_stats_simd(const In* __restrict src) {
+  using I = typename V::I;
   if constexpr (std::is_same_v<In, float>) {
-    const __m256i bias = splat(0x00800000);
-    __m256i acc = bias, any = _mm256_setzero_si256(), mn = splat(0x7FFFFFFF);
-    for (int i = 0; i < kGroupSize; i += 8) {
-      const __m256i mag = _mm256_and_si256(_mm256_castps_si256(load8(src + i)), splat(0x7FFFFFFF));
-      const __m256i t = _mm256_add_epi32(mag, bias);
-      acc = _mm256_max_epi32(acc, t);
-      any = _mm256_or_si256(any, t);
-      mn = _mm256_min_epi32(mn, mag);
+    const I bias = V::splat(0x00800000), abs_mask = V::splat(0x7FFFFFFF);
+    I acc = bias, any = V::zero(), mn = abs_mask;
+    for (int i = 0; i < kGroupSize; i += V::kLanes) {
+      const I mag = V::and_(V::load(src + i), abs_mask);
+      const I t = V::add(mag, bias);
+      acc = V::max(acc, t);
+      any = V::or_(any, t);
+      mn = V::min(mn, mag);
     }
-    return {uint32_t(hmax(acc) - 0x00800000), uint32_t(hmin(mn)), _mm256_movemask_ps(_mm256_castsi256_ps(any)) != 0};
+    return {uint32_t(V::hmax(acc) - 0x00800000), uint32_t(V::hmin(mn)), V::any_negative32(any)};
   } else {
-    // 16-bit inputs: magnitudes order like their bits too, so the pass runs on raw bits, 16 lanes at a
-    // time, and only the two results are widened.
+    // 16-bit inputs: magnitudes order like their bits too, so the pass runs on raw bits, twice the lanes,
+    // and only the two results are widened.
     constexpr int16_t kBias = std::is_same_v<In, c10::BFloat16> ? 0x0080 : 0x0400;
-    const __m256i bias = _mm256_set1_epi16(kBias), abs_mask = _mm256_set1_epi16(0x7FFF);
-    __m256i acc = bias, any = _mm256_setzero_si256(), mn = abs_mask;
-    for (int i = 0; i < kGroupSize; i += 16) {
-      const __m256i mag = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)), abs_mask);
-      const __m256i t = _mm256_add_epi16(mag, bias);
-      acc = _mm256_max_epi16(acc, t);
-      any = _mm256_or_si256(any, t);
-      mn = _mm256_min_epi16(mn, mag);
+    const I bias = V::splat16(kBias), abs_mask = V::splat16(0x7FFF);
+    I acc = bias, any = V::zero(), mn = abs_mask;
+    for (int i = 0; i < kGroupSize; i += 2 * V::kLanes) {
+      const I mag = V::and_(V::load(src + i), abs_mask);
+      const I t = V::add16(mag, bias);
+      acc = V::max16(acc, t);
+      any = V::or_(any, t);
+      mn = V::min16(mn, mag);
     }
-    // Reduce 16 lanes: widen to 32 bits (values are non-negative after removing the bias) and reuse hmax.
-    const __m256i lo_mask = splat(0xFFFF);
-    const __m256i acc32 = _mm256_max_epi32(_mm256_and_si256(acc, lo_mask), _mm256_srli_epi32(acc, 16));
-    const __m256i mn32 = _mm256_min_epi32(_mm256_and_si256(mn, lo_mask), _mm256_srli_epi32(mn, 16));
-    const uint16_t amax16 = uint16_t(hmax(acc32) - kBias), min16 = uint16_t(hmin(mn32));
-    const bool nonfinite = (_mm256_movemask_epi8(any) & 0xAAAAAAAA) != 0;  // sign bits sit in odd bytes
+    // Values are non-negative once the bias is gone: widen both halves to 32 bits and reduce.
+    const I lo_mask = V::splat(0xFFFF);
+    const I acc32 = V::max(V::and_(acc, lo_mask), V::template srl<16>(acc));
+    const I mn32 = V::min(V::and_(mn, lo_mask), V::template srl<16>(mn));
     In a, m;
-    a.x = amax16;
-    m.x = min16;
-    return {f32_bits(to_f32(a)), f32_bits(to_f32(m)), nonfinite};
+    a.x = uint16_t(V::hmax(acc32) - kBias);
+    m.x = uint16_t(V::hmin(mn32));
+    return {f32_bits(to_f32(a)), f32_bits(to_f32(m)), V::any_negative16(any)};
   }
 }
 
-template <typename In, typename Fmt, ScaleRule Rule>
-VIE_INLINE void quantize_group_avx2(const In* __restrict src, uint8_t* __restrict dst, float* scale_f32,
-                                    uint8_t* scale_e8m0, bool stream) {
-  const GroupStats st = group_stats_avx2(src);
-  const GroupScale gs = group_scale<Fmt, Rule>(st.amax_bits);
-  if (Rule == ScaleRule::kStandard && gs.divisor == 0.0f) {
-    quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
-    return;
-  }
-  store_scale<Fmt, Rule>(gs, scale_f32, scale_e8m0);
-  // Scaling is monotonic, so if the smallest magnitude lands in fp8's normal range, all do.
-  const float min_q = Rule == ScaleRule::kStandard ? bits_f32(st.min_bits) / gs.divisor
-                                                   : bits_f32(st.min_bits) * gs.multiplier;
-  const float max_q = Rule == ScaleRule::kStandard ? bits_f32(st.amax_bits) / gs.divisor
-                                                   : bits_f32(st.amax_bits) * gs.multiplier;
-  const bool simple = !st.nonfinite && f32_bits(min_q) >= Fmt::kMinNormalBits;
-  if (!simple) {
-    encode_group_avx2<In, Fmt, Rule, true, true>(src, dst, gs, stream);
-  } else if (f32_bits(max_q) > Fmt::kFmaxBits) {  // only the OCP floor rule gets here
-    encode_group_avx2<In, Fmt, Rule, false, true>(src, dst, gs, stream);
-  } else {
-    encode_group_avx2<In, Fmt, Rule, false, false>(src, dst, gs, stream);
-  }
-}
-#endif  // __AVX2__
+// A group's encode is decided by a serial chain (amax reduction, scale division, reciprocal, two scalar
+// quotients, a branch) that is long next to the encode itself; run group by group, the core mostly waits on
+// it. So the kernel plans a batch of groups first (their chains are independent and overlap), then encodes
+// them: x is read twice either way, the second time from L1.
+enum class Variant : uint8_t { kDone, kChecked, kSaturate, kPlain };
 
-template <typename In, typename Fmt, ScaleRule Rule>
-VIE_INLINE void quantize_full_group(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0,
-                                    [[maybe_unused]] bool stream) {
-#ifdef __AVX2__
-  quantize_group_avx2<In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0, stream);
-#else
-  quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
+struct GroupPlan {
+  GroupScale gs;
+  Variant variant;
+  Quotient quotient;
+};
+
+// Writes `p` field by field: a plan built as a temporary and copied into the batch was stored in pieces
+// and reloaded whole, a store-forwarding stall per group that cost about 15% of the kernel's time.
+template <typename V, typename In, typename Fmt, ScaleRule Rule>
+VIE_INLINE void plan_group_simd(const In* __restrict src, uint8_t* __restrict dst, float* scale_f32,
+                                uint8_t* scale_e8m0, GroupPlan& p) {
+  const GroupStats st = group_stats_simd<V>(src);
+  p.gs = group_scale<Fmt, Rule>(st.amax_bits);
+  p.variant = Variant::kPlain;
+  p.quotient = Quotient::kMultiply;
+  if constexpr (Rule == ScaleRule::kStandard) {
+    if (p.gs.divisor == 0.0f) {  // rare: encoded at once by the scalar path
+      quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
+      p.variant = Variant::kDone;
+      return;
+    }
+    p.quotient = Quotient::kDivide;
+#ifdef __FMA__
+    // Where fp8_codec.h's reciprocal_quotient() is proven exact: one division per group, not per element.
+    if (!std::is_same_v<In, float> && !st.nonfinite && f32_bits(p.gs.divisor) >= kReciprocalMinScaleBits) {
+      p.gs.multiplier = 1.0f / p.gs.divisor;
+      p.quotient = Quotient::kReciprocal;
+    }
 #endif
+  }
+  store_scale<Fmt, Rule>(p.gs, scale_f32, scale_e8m0);
+  auto quotient = [&](uint32_t x_bits) {
+    const float x = bits_f32(x_bits);
+    if (p.quotient == Quotient::kMultiply) return x * p.gs.multiplier;
+    if (p.quotient == Quotient::kReciprocal) return reciprocal_quotient(x, p.gs.divisor, p.gs.multiplier);
+    return x / p.gs.divisor;
+  };
+  // Scaling is monotonic, so if the smallest magnitude lands in fp8's normal range, all do.
+  if (st.nonfinite || f32_bits(quotient(st.min_bits)) < Fmt::kMinNormalBits) {
+    p.variant = Variant::kChecked;
+  } else if (f32_bits(quotient(st.amax_bits)) > Fmt::kFmaxBits) {  // S rounded below amax / FMAX, or OCP floor
+    p.variant = Variant::kSaturate;
+  }
 }
+
+template <typename V, typename In, typename Fmt, Quotient Q>
+VIE_INLINE void encode_planned_q(const In* src, uint8_t* dst, const GroupPlan& p, bool stream) {
+  switch (p.variant) {
+    case Variant::kChecked: return encode_group_simd<V, In, Fmt, Q, true, true>(src, dst, p.gs, stream);
+    case Variant::kSaturate: return encode_group_simd<V, In, Fmt, Q, false, true>(src, dst, p.gs, stream);
+    case Variant::kPlain: return encode_group_simd<V, In, Fmt, Q, false, false>(src, dst, p.gs, stream);
+    case Variant::kDone: return;
+  }
+}
+
+template <typename V, typename In, typename Fmt, ScaleRule Rule>
+VIE_INLINE void encode_planned(const In* src, uint8_t* dst, const GroupPlan& p, bool stream) {
+  if constexpr (Rule != ScaleRule::kStandard) {
+    encode_planned_q<V, In, Fmt, Quotient::kMultiply>(src, dst, p, stream);
+  } else if (p.quotient == Quotient::kReciprocal) {
+#ifdef __FMA__
+    encode_planned_q<V, In, Fmt, Quotient::kReciprocal>(src, dst, p, stream);
+#endif
+  } else {
+    encode_planned_q<V, In, Fmt, Quotient::kDivide>(src, dst, p, stream);
+  }
+}
+
+// Full groups of one task, planned kBatch at a time.
+template <typename In, typename Fmt, ScaleRule Rule>
+class GroupBatch {
+ public:
+  explicit GroupBatch(bool stream) : stream_(stream) {}
+  ~GroupBatch() { flush(); }
+  VIE_INLINE void add(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0) {
+    Item& it = items_[n_];
+    it.src = src;
+    it.dst = dst;
+    plan_group_simd<Simd, In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0, it.plan);
+    if (++n_ == kBatch) flush();
+  }
+  VIE_INLINE void flush() {
+    for (int i = 0; i < n_; ++i) encode_planned<Simd, In, Fmt, Rule>(items_[i].src, items_[i].dst, items_[i].plan, stream_);
+    n_ = 0;
+  }
+
+ private:
+  static constexpr int kBatch = 8;
+  struct Item {
+    const In* src;
+    uint8_t* dst;
+    GroupPlan plan;
+  };
+  Item items_[kBatch];
+  int n_ = 0;
+  bool stream_;
+};
+#else
+// Without AVX2 each full group runs the portable loop at once.
+template <typename In, typename Fmt, ScaleRule Rule>
+class GroupBatch {
+ public:
+  explicit GroupBatch(bool) {}
+  void add(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0) {
+    quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
+  }
+};
+#endif  // __AVX2__
 
 // Pins the SSE floating-point environment for the kernel's arithmetic: round to nearest even, no
 // flush-to-zero or denormals-are-zero (torch.set_flush_denormal(True) sets both), exceptions masked.
@@ -370,16 +709,22 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   // ~64K elements per task: below that a thread wake-up costs more than it saves.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
   // Large writes bypass the caches (no read-for-ownership of cache rows that are overwritten whole);
-  // small ones stay cached for the attention read that follows. Streaming stores need 32-byte rows.
-  // A packed pair's rows are 32-byte aligned only if its block stride is a multiple of 32 too.
-  const bool stream = rows * d >= (int64_t(1) << 20) && d % 32 == 0 && reinterpret_cast<uintptr_t>(cp) % 32 == 0 &&
-                      (!layout.packed || layout.code_block_bytes % 32 == 0);
+  // small ones stay cached for the attention read that follows. Streaming stores need rows aligned to
+  // the vector width (32 or 64 bytes); a packed pair's only if its block stride is a multiple of it too.
+#ifdef __AVX2__
+  constexpr int64_t kAlign = int64_t(Simd::kStreamAlign);
+#else
+  constexpr int64_t kAlign = 32;  // unused: the portable path has no streaming stores
+#endif
+  const bool stream = rows * d >= (int64_t(1) << 20) && d % kAlign == 0 &&
+                      reinterpret_cast<uintptr_t>(cp) % kAlign == 0 && (!layout.packed || layout.code_block_bytes % kAlign == 0);
   const bool packed = layout.packed;
   const int64_t bs = std::max<int64_t>(layout.block_size, 1);
   const int64_t code_block = layout.code_block_bytes, scale_block = layout.scale_block_elems;
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const IeeeFpEnv fp_env;
     const StoreFence fence(stream);
+    GroupBatch<In, Fmt, Rule> batch(stream);  // destroyed (flushed) before the fence and the FP environment
     for (int64_t r = begin; r < end; ++r) {
       const int64_t s = int64_t(sp[r]);
       // The range was checked before any write; this keeps even a bad caller inside the tensors.
@@ -396,8 +741,7 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
         so = s * groups;
       }
       for (int64_t g = 0; g < full_groups; ++g) {
-        quantize_full_group<In, Fmt, Rule>(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr,
-                                           se ? se + so + g : nullptr, stream);
+        batch.add(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
       }
       if (tail) {
         const int64_t g = full_groups;
@@ -902,6 +1246,8 @@ TORCH_LIBRARY(VIE_LIBRARY_NAME, m) {
       "Tensor slot_mapping, int quant_mode, bool round_scale, float scale=1.0) -> ()");
   m.impl("quantize_scatter", c10::DispatchKey::CPU,
          torch::CppFunction::makeFromBoxedFunction<&vie::indexer_compress_epilog_boxed>());
+  // Which vector path this build runs ("avx512", "avx2" or "portable"), for tests and benchmarks.
+  m.def("isa() -> str", []() { return std::string(vie::kIsa); });
 }
 
 extern "C" __attribute__((visibility("default"))) void vie_set_strict_source(vie::StrictSource source) {

@@ -191,8 +191,9 @@ def _build(src: Path, flags: list[str], out: Path, march: str, bad: tuple[int, i
 def build_cpu_kernel(march: str = "native", library: str = LIBRARY) -> Path:
     """Compile (or reuse from the cache) and load the kernel library as `torch.ops.<library>`.
 
-    The default is what the op uses; the tests also build `march="x86-64"` (no AVX2) under another name
-    to check the portable code path. Loading never registers anything under `custom::`. A cached file
+    The default is what the op uses (on an AVX-512 host, the AVX-512 path); the tests also build
+    `march="x86-64"` (no AVX2: the portable path) and `march="x86-64-v3"` (the AVX2 path) under other names
+    to check those paths, and benchmarks/bench_cpu.py `--isa` times them. Loading never registers anything under `custom::`. A cached file
     that does not load is rebuilt once.
     """
     src = csrc_dir()

@@ -9,15 +9,16 @@ in plain torch, vLLM's own CPU indexer write where this host's vLLM has it (d=12
 `vllm_write_fn`), the eager torch reference, and the peak resident memory the call adds beyond its inputs
 and outputs.
 
-`--isa native|avx2|portable` picks the build: native is the op's own kernel (`-march=native`, AVX-512 on an
-AVX-512 host); avx2 and portable build `-march=x86-64-v3` / `-march=x86-64` beside it under another library
-name, so the AVX2 path can be measured on an AVX-512 host.
+`--isa` names the builds to time, comma-separated, each a row of the same table (default `avx2,native`): native
+is the op's own kernel (`-march=native`, AVX-512 on an AVX-512 host); avx2 and portable build `-march=x86-64-v3`
+/ `-march=x86-64` beside it under another library name, so the AVX2 path is measured on an AVX-512 host in the
+same run as the AVX-512 one. The baselines (torch.compile, vLLM, eager reference) are timed once per row group.
 
 A second table times decode-size calls (T = 1, 64; d = 128; bf16 -> e4m3fn; int64 slots; a paged cache
 [blocks, 64, 1, 128]) against `index_copy_` of the same rows into the same cache, measured interleaved in
 the same run: the floor of any dispatched scatter on this machine.
 
-    python benchmarks/bench_cpu.py [--quick] [--decode-only] [--isa native|avx2|portable] [--no-compile]
+    python benchmarks/bench_cpu.py [--quick] [--decode-only] [--isa avx2,native,portable] [--no-compile]
                                    [--out FILE.md]
 """
 
@@ -253,6 +254,14 @@ def measure_peak_memory(quick: bool, isa: str) -> dict[str, list[float]]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def isa_list(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ISA_MARCH]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"--isa: {bad or text!r} not in {sorted(ISA_MARCH)}")
+    return list(dict.fromkeys(names))
+
+
 def _name(dt: torch.dtype) -> str:
     return {BF16: "bf16", FP16: "fp16", E4M3: "e4m3fn", E5M2: "e5m2"}[dt]
 
@@ -262,13 +271,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     ap.add_argument("--out", type=Path, help="also write the tables (markdown) to this file")
     ap.add_argument("--decode-only", action="store_true", help="only the decode-size table")
-    ap.add_argument("--isa", choices=sorted(ISA_MARCH), default="native", help="which build of the kernel to time")
+    ap.add_argument("--isa", type=isa_list, default=isa_list("avx2,native"),
+                    help=f"builds of the kernel to time, comma-separated, from {sorted(ISA_MARCH)}")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     ap.add_argument("--peak-memory-json", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     configs = CONFIGS_QUICK if args.quick else CONFIGS_FULL
     if args.peak_memory_json:
-        peak_memory_table(configs, args.isa)
+        peak_memory_table(configs, args.isa[0])
         return
     torch.manual_seed(0)
     saved_threads = torch.get_num_threads()
@@ -277,7 +287,7 @@ def main() -> None:
         if args.out:
             args.out.write_text(decode + "\n")
         return
-    kernel, isa_path = kernel_fn(args.isa)
+    kernels = {isa: kernel_fn(isa) for isa in args.isa}  # isa -> (callable, the path its library reports)
     rows = []
     copy_note = []
     for threads in THREADS:
@@ -290,24 +300,29 @@ def main() -> None:
             if i == len(configs) // 2:
                 copy_samples.append(memcpy_gbs())
             t, d, mode, xd, cd = cfg
-            tensors, op, ref = _calls(*cfg, kernel)
-            t_op = median_time(op)
+            tensors, ref = None, None
+            times = {}
+            for isa, (kernel, _) in kernels.items():
+                tensors, op, ref = _calls(*cfg, kernel)
+                times[isa] = median_time(op)
+                del op
             t_ref = median_time(ref, min_reps=3, budget_s=0.5)
             comp = "skipped" if args.no_compile else compiled_fn(tensors, mode)
             t_comp = median_time(comp, min_reps=5) if callable(comp) else None
             vw = vllm_write_fn(t, d) if (mode, xd, cd) == (0, BF16, E4M3) else "n/a (MX bf16 e4m3fn rows only)"
             t_vllm = median_time(vw, min_reps=3) if callable(vw) else None
-            block.append({
-                "threads": threads, "T": t, "d": d, "x -> cache": f"{_name(xd)} -> {_name(cd)}",
-                "mode": "standard" if mode == 1 else "MX", "path": isa_path,
-                "time (us)": f"{t_op * 1e6:.1f}", "GB/s": bytes_moved(*tensors) / t_op / 1e9,
-                "torch.compile (us)": f"{t_comp * 1e6:.1f}" if t_comp else comp,
-                "vs compile": f"{t_comp / t_op:.1f}x" if t_comp else "-",
-                "vLLM write (us)": f"{t_vllm * 1e6:.1f}" if t_vllm else vw,
-                "vs vLLM": f"{t_vllm / t_op:.1f}x" if t_vllm else "-",
-                "vs eager ref": f"{t_ref / t_op:.1f}x", "_key": _key(*cfg),
-            })
-            del tensors, op, ref, comp
+            for isa, t_op in times.items():
+                block.append({
+                    "threads": threads, "T": t, "d": d, "x -> cache": f"{_name(xd)} -> {_name(cd)}",
+                    "mode": "standard" if mode == 1 else "MX", "path": kernels[isa][1],
+                    "time (us)": f"{t_op * 1e6:.1f}", "GB/s": bytes_moved(*tensors) / t_op / 1e9,
+                    "torch.compile (us)": f"{t_comp * 1e6:.1f}" if t_comp else comp,
+                    "vs compile": f"{t_comp / t_op:.1f}x" if t_comp else "-",
+                    "vLLM write (us)": f"{t_vllm * 1e6:.1f}" if t_vllm else vw,
+                    "vs vLLM": f"{t_vllm / t_op:.1f}x" if t_vllm else "-",
+                    "vs eager ref": f"{t_ref / t_op:.1f}x", "_key": (isa, _key(*cfg)),
+                })
+            del tensors, ref, comp
         copy_samples.append(memcpy_gbs())
         copy_bw = max(copy_samples)
         copy_note.append(f"{threads} thread{'s' if threads > 1 else ''}: memcpy (read+write) {copy_bw:.1f} GB/s "
@@ -321,13 +336,14 @@ def main() -> None:
         load = os.getloadavg()[0]
     except OSError:
         load = float("nan")
+    paths = ", ".join(f"{isa}: {path}" for isa, (_, path) in kernels.items())
     head = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"kernel path {isa_path} (--isa {args.isa}), load average at the end {load:.1f}; "
-            + "; ".join(copy_note))
+            f"kernel paths ({paths}), load average at the end {load:.1f}; " + "; ".join(copy_note))
     print("# " + head, flush=True)
-    peaks = measure_peak_memory(args.quick, args.isa)
+    peaks = {isa: measure_peak_memory(args.quick, isa) for isa in kernels}
     for r in rows:
-        op_mib, ref_mib = peaks[r.pop("_key")]
+        isa, key = r.pop("_key")
+        op_mib, ref_mib = peaks[isa][key]
         r["peak extra (MiB)"] = f"{op_mib:.1f}"
         r["ref peak extra (MiB)"] = f"{ref_mib:.1f}"
     cols = ["threads", "T", "d", "x -> cache", "mode", "path", "time (us)", "GB/s", "vs memcpy", "torch.compile (us)",

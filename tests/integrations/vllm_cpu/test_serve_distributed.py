@@ -108,9 +108,8 @@ def check_workers(run: dict, tp: int, dp: int) -> dict[tuple[int, int], list[dic
     for rank, s in stats.items():
         assert s["writer"] == "custom.indexer_compress_epilog" and s["rows_written"] > 0, (rank, s)
         assert s["reads"]["plugin"] > 0 and s["reads"]["vllm"] == 0, (rank, s)
-    by_rank: dict[tuple[int, int], list[dict]] = {r: [] for r in want}
-    for rec in run["caps"]:
-        by_rank[rank_of(rec)].append(rec)
+    by_rank = {r: [] for r in want} | by_rank_of(run)
+    assert set(by_rank) == want, sorted(by_rank)
     # Rows equal the reference, rank by rank.
     for rank, recs in by_rank.items():
         writes = [r for r in recs if r["kind"] == "write"]
@@ -152,7 +151,11 @@ def tp1(dist_tmp: Path) -> dict:
 
 
 def test_tensor_parallel_2(tp1: dict, dist_tmp: Path) -> None:
-    run = serve("tp2", dist_tmp, tensor_parallel_size=2)
+    check_tensor_parallel_2(serve("tp2", dist_tmp, tensor_parallel_size=2), tp1)
+
+
+def check_tensor_parallel_2(run: dict, tp1: dict) -> None:
+    """The TP=2 checks, whichever executor ran the server: per worker, ranks alike, TP=1's indexer and answers."""
     by_rank = check_workers(run, 2, 1)
     r0, r1 = by_rank[(0, 0)], by_rank[(0, 1)]
     # Replicated indexer, all-reduced input: both ranks capture the same inputs, rows and selections.
@@ -294,13 +297,7 @@ def test_ray_tensor_parallel_2(tp1: dict, dist_tmp: Path) -> None:
                 raise
             assert "Local node IP: 127.0.0.1" in head.log_path.read_text(errors="replace")
             pytest.xfail(f"vLLM 0.32.0 refuses Ray on CPU: ValueError: {RAY_REFUSAL} (docs/vllm-cpu.md)")
-        by_rank = check_workers(run, 2, 1)
-        ref = long_prefill(by_rank_of(tp1)[(0, 0)])
-        assert ref is not None
-        for rank in ((0, 0), (0, 1)):
-            got = long_prefill(by_rank[rank])
-            assert got is not None, rank
-            same_indexer_as(ref, got)
+        check_tensor_parallel_2(run, tp1)
     finally:
         left = head.stop()
         assert left == [], f"Ray processes left after stop: {left}"

@@ -82,11 +82,25 @@ def compressed_slot_mapping(
     return None
 
 
+def _token_rows(query_start_loc: torch.Tensor, token_to_req_indices: torch.Tensor, is_valid_token: torch.Tensor,
+                token_offset: int, num_tokens: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """What both SWA-index kernels read per token: its index, whether it is valid, its request (0 for a padded
+    token, so it reads nothing out of range), and that request's query start and length."""
+    toks = torch.arange(token_offset, token_offset + num_tokens, dtype=_I64, device=dev)
+    valid = is_valid_token[toks].to(torch.bool)
+    req = token_to_req_indices[toks].to(_I64)
+    req = torch.where(valid, req, torch.zeros_like(req))  # invalid rows read nothing
+    qs = query_start_loc.to(_I64)[req]
+    qlen = query_start_loc.to(_I64)[req + 1] - qs
+    return toks, valid, req, qs, qlen
+
+
 # ---------------------------------------------------------------------------------------------------
 # vllm/v1/attention/backends/mla/sparse_swa.py: ComputeSWAIndicesAndLensKernel (grid: num_tokens programs;
 # program p reads token p + token_offset, writes swa_lens[p] and index_width entries of row p of
 # swa_indices, [T, W] or [T, 1, W]).
 # ---------------------------------------------------------------------------------------------------
+
 def swa_indices_and_lens(
     self: Any,
     swa_indices: torch.Tensor,
@@ -110,12 +124,8 @@ def swa_indices_and_lens(
     if getattr(self, "_warming", False) or num_tokens <= 0:
         return None
     dev = swa_indices.device
-    toks = torch.arange(token_offset, token_offset + num_tokens, dtype=_I64, device=dev)
-    valid = is_valid_token[toks].to(torch.bool)
-    req = token_to_req_indices[toks].to(_I64)
-    req = torch.where(valid, req, torch.zeros_like(req))  # invalid rows read nothing
-    qs = query_start_loc.to(_I64)[req]
-    qlen = query_start_loc.to(_I64)[req + 1] - qs
+    toks, valid, req, qs, qlen = _token_rows(query_start_loc, token_to_req_indices, is_valid_token, token_offset,
+                                             num_tokens, dev)
     pos = seq_lens.to(_I64)[req] - qlen + toks - qs
     if has_image:
         left = left_visible[toks].to(_I64)
@@ -308,12 +318,8 @@ def dspark_noncausal_swa_indices(
     if getattr(self, "_warming", False) or num_tokens <= 0:
         return None
     dev = swa_indices.device
-    toks = torch.arange(token_offset, token_offset + num_tokens, dtype=_I64, device=dev)
-    valid = is_valid_token[toks].to(torch.bool)
-    req = token_to_req_indices[toks].to(_I64)
-    req = torch.where(valid, req, torch.zeros_like(req))  # invalid rows read nothing
-    qs = query_start_loc.to(_I64)[req]
-    qlen = query_start_loc.to(_I64)[req + 1] - qs
+    toks, valid, req, qs, qlen = _token_rows(query_start_loc, token_to_req_indices, is_valid_token, token_offset,
+                                             num_tokens, dev)
     seq = seq_lens.to(_I64)[req]
     start = (seq - qlen - int(window_size)).clamp(min=0)
     swa_len = torch.where(valid, seq - start, torch.zeros_like(seq))

@@ -209,14 +209,18 @@ class Server:
         self.stop()
 
     # ---------------------------------------------------------------------------------------- requests
-    def complete(self, prompt: list[int] | str, max_tokens: int = 4) -> dict:
+    def complete(self, prompt: list[int] | str, max_tokens: int = 4, dp_rank: int | None = None) -> dict:
         """One /v1/completions request with token ids or text; returns the generated `token_ids` and `text`,
-        `finish_reason`, `usage`, `elapsed_s` and `ttft_s` (time to the first streamed token)."""
+        `finish_reason`, `usage`, `elapsed_s` and `ttft_s` (time to the first streamed token). `dp_rank` pins
+        the request to one data-parallel engine (vLLM's X-data-parallel-rank header) instead of leaving it to
+        the load balancer."""
         body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "return_token_ids": True, "stream": True,
                 "stream_options": {"include_usage": True}}
-        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json"}
+        if dp_rank is not None:
+            headers["X-data-parallel-rank"] = str(dp_rank)
+        req = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(), headers=headers)
         t0 = time.perf_counter()
         ttft = None
         tokens: list[int] = []
@@ -249,9 +253,11 @@ class Server:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT_S) as resp:
             return json.loads(resp.read())
 
-    def complete_many(self, prompts: list[list[int]], max_tokens: int = 4, concurrency: int = 8) -> list[dict]:
+    def complete_many(self, prompts: list[list[int]], max_tokens: int = 4, concurrency: int = 8,
+                      dp_ranks: list[int | None] | None = None) -> list[dict]:
+        ranks = dp_ranks if dp_ranks is not None else [None] * len(prompts)
         with cf.ThreadPoolExecutor(max_workers=concurrency) as pool:
-            return list(pool.map(lambda p: self.complete(p, max_tokens), prompts))
+            return list(pool.map(lambda pr: self.complete(pr[0], max_tokens, pr[1]), zip(prompts, ranks)))
 
     # ---------------------------------------------------------------------------------------- what happened
     def log_text(self) -> str:

@@ -65,11 +65,16 @@ VIE_INLINE void widen<c10::Half>(const c10::Half* __restrict src, int n, float* 
 #endif
 
 // The scale of one group, from its finite amax: what is stored, and what multiplies or divides x.
+struct CodeTable;
 struct GroupScale {
   float divisor;     // standard mode: S (x / S)
   float multiplier;  // MX: 2^-e (x * 2^-e rounds exactly like x / 2^e); standard: RN(1/S) where the
                      // vector path divides through it (reciprocal_quotient), else unused
   uint8_t e8m0;      // MX: the stored byte e + 127
+  // Standard mode, bf16 groups on the table path (Quotient::kTable): the table of S's significand and the
+  // byte that moves it to the group's exponent.
+  const CodeTable* table = nullptr;
+  uint8_t code_bias = 0;
 };
 
 template <typename Fmt, ScaleRule Rule>
@@ -142,10 +147,59 @@ constexpr const char* kIsa = "portable";
 #endif
 
 #ifdef __AVX2__
-// How a group's quotients are formed: MX multiplies by 2^-e (exact wherever x / 2^e is, and rounds like it
-// where the product is subnormal, being the same real number); standard mode uses reciprocal_quotient()
-// where fp8_codec.h says it is exact, and vdivps elsewhere.
-enum class Quotient { kMultiply, kReciprocal, kDivide };
+// How a group's codes are formed: MX multiplies by 2^-e (exact wherever x / 2^e is, and rounds like it
+// where the product is subnormal, being the same real number); standard mode looks bf16 codes up in a
+// CodeTable where its conditions hold (kTable, no float arithmetic per element), else uses
+// reciprocal_quotient() where fp8_codec.h says it is exact, and vdivps elsewhere.
+enum class Quotient { kMultiply, kReciprocal, kDivide, kTable };
+
+// Standard mode's codes of bf16 inputs without float arithmetic per element. For a group whose amax is a
+// normal bf16 (1 + a/128) 2^A with S = RN(amax / FMAX) normal, S is RN((1 + a/128) / FMAX) 2^A, so the code
+// of a normal x = (1 + m/128) 2^E is a function of (a, m) plus 2^mant (E - A) wherever the code is a normal
+// fp8 value (scaling by a power of two commutes with both roundings there). For fixed a the code grows with
+// m by at most one step per 8 consecutive m (8 m's span under 1/16 of a binade; fp8 steps are at least
+// 1/15 of one, 1/7 for e5m2), so per bucket b = m >> 3 a base code and a threshold on m & 7 give it: two
+// 16-entry byte lookups, one per vector. One table per a and format, built once from the scalar encoder.
+struct CodeTable {
+  alignas(16) uint8_t base[16];  // code of m = 8b + 7 at the reference exponent, less (m >> (7 - mant))
+                                 // and the reference exponent's 2^mant E term (mod 256)
+  alignas(16) uint8_t thr[16];   // m & 7 below which the code is one less (0: none)
+};
+
+template <typename Fmt>
+struct CodeTables {
+  CodeTable by_a[128];
+  bool usable;  // every bucket had at most one step (checked, not assumed)
+};
+
+// The reference group: amax exponent field 127, x one binade below (every quotient a normal fp8 value).
+constexpr int32_t kTableRefExp = 126;
+
+template <typename Fmt>
+CodeTables<Fmt> build_code_tables() {
+  CodeTables<Fmt> t{};
+  t.usable = true;
+  for (uint32_t a = 0; a < 128; ++a) {
+    const float s = bits_f32((127u << 23) | (a << 16)) / bits_f32(Fmt::kFmaxBits);
+    uint8_t code[128];
+    for (uint32_t m = 0; m < 128; ++m) code[m] = encode_fp8<Fmt>(bits_f32((uint32_t(kTableRefExp) << 23) | (m << 16)) / s);
+    for (int b = 0; b < 16; ++b) {
+      const uint8_t top = code[8 * b + 7];
+      int thr = 0;
+      for (int j = 0; j < 8; ++j) thr = code[8 * b + j] != top ? j + 1 : thr;
+      for (int j = 0; j < 8; ++j) t.usable &= code[8 * b + j] == top - (j < thr ? 1 : 0);
+      t.by_a[a].base[b] = uint8_t(top - ((8 * b + 7) >> (7 - Fmt::kMant)) - (kTableRefExp << Fmt::kMant));
+      t.by_a[a].thr[b] = uint8_t(thr);
+    }
+  }
+  return t;
+}
+
+template <typename Fmt>
+const CodeTables<Fmt>& code_tables() {
+  static const CodeTables<Fmt> tables = build_code_tables<Fmt>();
+  return tables;
+}
 
 struct Avx2 {
   using F = __m256;
@@ -170,6 +224,15 @@ struct Avx2 {
   static VIE_INLINE I add16(I a, I b) { return _mm256_add_epi16(a, b); }
   static VIE_INLINE I min16(I a, I b) { return _mm256_min_epi16(a, b); }
   static VIE_INLINE I max16(I a, I b) { return _mm256_max_epi16(a, b); }
+  static VIE_INLINE I add8(I a, I b) { return _mm256_add_epi8(a, b); }
+  static VIE_INLINE I splat8(uint8_t v) { return _mm256_set1_epi8(char(v)); }
+  // 16 bytes in every 128-bit lane; lookup() indexes them by each byte's low 4 bits.
+  static VIE_INLINE I table16(const uint8_t* p) {
+    return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static VIE_INLINE I lookup(I table, I idx) { return _mm256_shuffle_epi8(table, idx); }
+  // v - 1 in each byte where a > b (signed bytes)
+  static VIE_INLINE I dec8_where_gt(I v, I a, I b) { return _mm256_add_epi8(v, _mm256_cmpgt_epi8(a, b)); }
   template <int K>
   static VIE_INLINE I srl(I a) { return _mm256_srli_epi32(a, K); }
   template <int K>
@@ -238,16 +301,15 @@ struct Avx2 {
     }
   }
 
-  // MX with bf16 inputs, finite groups whose codes are all normal: x * 2^-e is x's bf16 bits with the
-  // exponent lowered by e (exact, and normal), so the code is computed on the raw 16-bit words, twice the
-  // lanes and no widening or 32 -> 16-bit pack; `enc16` maps |x| words to codes. The packs order codes and
-  // signs alike.
+  // bf16 inputs whose codes come from their raw 16-bit words (MX's exponent shift, standard mode's tables),
+  // twice the lanes and no widening or 32 -> 16-bit pack: `enc16` maps raw words to codes without sign
+  // (0..255 in each 16-bit lane). The packs order codes and signs alike.
   template <typename Enc16>
   static VIE_INLINE void encode_block_words(const c10::BFloat16* src, uint8_t* dst, Enc16 enc16, bool stream) {
     const I r0 = load(src), r1 = load(src + 16);
     const I signs = and_(_mm256_packus_epi16(_mm256_srli_epi16(r0, 8), _mm256_srli_epi16(r1, 8)),
                          _mm256_set1_epi8(char(0x80)));
-    const I codes = _mm256_packus_epi16(enc16(and_(r0, splat16(0x7FFF))), enc16(and_(r1, splat16(0x7FFF))));
+    const I codes = _mm256_packus_epi16(enc16(r0), enc16(r1));
     const I ordered = _mm256_permute4x64_epi64(or_(codes, signs), 0xD8);
     if (stream) {
       _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), ordered);
@@ -313,6 +375,15 @@ struct Avx512 {
   static VIE_INLINE I add16(I a, I b) { return _mm512_add_epi16(a, b); }
   static VIE_INLINE I min16(I a, I b) { return _mm512_min_epi16(a, b); }
   static VIE_INLINE I max16(I a, I b) { return _mm512_max_epi16(a, b); }
+  static VIE_INLINE I add8(I a, I b) { return _mm512_add_epi8(a, b); }
+  static VIE_INLINE I splat8(uint8_t v) { return _mm512_set1_epi8(char(v)); }
+  static VIE_INLINE I table16(const uint8_t* p) {
+    return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static VIE_INLINE I lookup(I table, I idx) { return _mm512_shuffle_epi8(table, idx); }
+  static VIE_INLINE I dec8_where_gt(I v, I a, I b) {
+    return _mm512_mask_sub_epi8(v, _mm512_cmpgt_epi8_mask(a, b), v, _mm512_set1_epi8(1));
+  }
   template <int K>
   static VIE_INLINE I srl(I a) { return _mm512_srli_epi32(a, K); }
   template <int K>
@@ -374,7 +445,7 @@ struct Avx512 {
     const I r0 = load(src), r1 = load(src + 32);
     const I signs = and_(_mm512_packus_epi16(_mm512_srli_epi16(r0, 8), _mm512_srli_epi16(r1, 8)),
                          _mm512_set1_epi8(char(0x80)));
-    const I codes = _mm512_packus_epi16(enc16(and_(r0, splat16(0x7FFF))), enc16(and_(r1, splat16(0x7FFF))));
+    const I codes = _mm512_packus_epi16(enc16(r0), enc16(r1));
     const I ordered = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), or_(codes, signs));
     if (stream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), ordered);
@@ -471,10 +542,27 @@ VIE_INLINE void encode_group_simd(const In* __restrict src, uint8_t* __restrict 
     const int32_t e = int32_t(gs.e8m0) - 127;
     const auto add = V::splat16(int16_t(uint16_t(
         uint32_t((1 << (kDrop16 - 1)) - 1) - (uint32_t(e) << 7) - (uint32_t(127 - Fmt::kBias) << 7))));
-    auto enc16 = [&](typename V::I mag) {
+    auto enc16 = [&](typename V::I raw) {
+      const auto mag = V::and_(raw, V::splat16(0x7FFF));
       const auto odd = V::and_(V::template srl16<kDrop16>(mag), V::splat16(1));
       auto code = V::template srl16<kDrop16>(V::add16(V::add16(mag, add), odd));
       if constexpr (Saturate) code = V::min16(code, V::splat16(Fmt::kMaxCode));
+      return code;
+    };
+    for (int i = 0; i < kGroupSize; i += V::kBlock) V::encode_block_words(src + i, dst + i, enc16, stream);
+    return;
+  }
+  if constexpr (Q == Quotient::kTable) {
+    static_assert(!Checked && !Saturate && std::is_same_v<In, c10::BFloat16>, "the table path: plain bf16 groups");
+    // code = (raw >> (7 - mant)) + base[b] + bias - [m & 7 < thr[b]] in the low byte of each lane: the
+    // shift gives 2^mant E + (m >> (7 - mant)) (the sign lands in the high byte, as do the lookups' bytes
+    // for the index's zero high byte), and the byte arithmetic is exact mod 256 since codes are 0..255.
+    const auto base = V::add8(V::table16(gs.table->base), V::splat8(gs.code_bias));
+    const auto thr = V::table16(gs.table->thr);
+    auto enc16 = [&](typename V::I raw) {
+      const auto idx = V::and_(V::template srl16<3>(raw), V::splat16(0x000F));
+      auto code = V::add16(V::template srl16<7 - Fmt::kMant>(raw), V::lookup(base, idx));
+      code = V::and_(V::dec8_where_gt(code, V::lookup(thr, idx), V::and_(raw, V::splat16(0x0007))), V::splat16(0x00FF));
       return code;
     };
     for (int i = 0; i < kGroupSize; i += V::kBlock) V::encode_block_words(src + i, dst + i, enc16, stream);
@@ -553,7 +641,7 @@ struct GroupPlan {
 // and reloaded whole, a store-forwarding stall per group that cost about 15% of the kernel's time.
 template <typename V, typename In, typename Fmt, ScaleRule Rule>
 VIE_INLINE void plan_group_simd(const In* __restrict src, uint8_t* __restrict dst, float* scale_f32,
-                                uint8_t* scale_e8m0, GroupPlan& p) {
+                                uint8_t* scale_e8m0, const CodeTables<Fmt>* tables, GroupPlan& p) {
   const GroupStats st = group_stats_simd<V>(src);
   p.gs = group_scale<Fmt, Rule>(st.amax_bits);
   p.variant = Variant::kPlain;
@@ -563,6 +651,21 @@ VIE_INLINE void plan_group_simd(const In* __restrict src, uint8_t* __restrict ds
       quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
       p.variant = Variant::kDone;
       return;
+    }
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      // The table path's conditions (CodeTable) with one integer test in place of the quotient checks
+      // below: min within kTableMargin binades of amax puts every |x / S| above fp8's smallest normal
+      // (min / S > 2^-(margin + 1) FMAX = 1.75 * 2^(1 - bias)), and no code can pass FMAX's (the largest
+      // quotient is FMAX within float32 rounding). Groups with a smaller min take the checks.
+      constexpr uint32_t kTableMargin = uint32_t(Fmt::kEmax + Fmt::kBias - 2);
+      if (tables != nullptr && !st.nonfinite && f32_bits(p.gs.divisor) >= kReciprocalMinScaleBits &&
+          (st.min_bits >> 23) + kTableMargin >= (st.amax_bits >> 23)) {
+        p.gs.table = &tables->by_a[(st.amax_bits >> 16) & 0x7F];
+        p.gs.code_bias = uint8_t(uint32_t(kTableRefExp + 1 - int32_t(st.amax_bits >> 23)) << Fmt::kMant);
+        p.quotient = Quotient::kTable;
+        store_scale<Fmt, Rule>(p.gs, scale_f32, scale_e8m0);
+        return;
+      }
     }
     p.quotient = Quotient::kDivide;
 #ifdef __FMA__
@@ -583,7 +686,9 @@ VIE_INLINE void plan_group_simd(const In* __restrict src, uint8_t* __restrict ds
   // Scaling is monotonic, so if the smallest magnitude lands in fp8's normal range, all do.
   if (st.nonfinite || f32_bits(quotient(st.min_bits)) < Fmt::kMinNormalBits) {
     p.variant = Variant::kChecked;
-  } else if (f32_bits(quotient(st.amax_bits)) > Fmt::kFmaxBits) {  // S rounded below amax / FMAX, or OCP floor
+    return;
+  }
+  if (f32_bits(quotient(st.amax_bits)) > Fmt::kFmaxBits) {  // S rounded below amax / FMAX, or OCP floor
     p.variant = Variant::kSaturate;
   }
 }
@@ -598,10 +703,17 @@ VIE_INLINE void encode_planned_q(const In* src, uint8_t* dst, const GroupPlan& p
   }
 }
 
+template <typename V, typename In, typename Fmt>
+VIE_INLINE void encode_planned_table(const In* src, uint8_t* dst, const GroupPlan& p, bool stream) {
+  encode_group_simd<V, In, Fmt, Quotient::kTable, false, false>(src, dst, p.gs, stream);
+}
+
 template <typename V, typename In, typename Fmt, ScaleRule Rule>
 VIE_INLINE void encode_planned(const In* src, uint8_t* dst, const GroupPlan& p, bool stream) {
   if constexpr (Rule != ScaleRule::kStandard) {
     encode_planned_q<V, In, Fmt, Quotient::kMultiply>(src, dst, p, stream);
+  } else if (p.quotient == Quotient::kTable) {
+    if constexpr (std::is_same_v<In, c10::BFloat16>) encode_planned_table<V, In, Fmt>(src, dst, p, stream);
   } else if (p.quotient == Quotient::kReciprocal) {
 #ifdef __FMA__
     encode_planned_q<V, In, Fmt, Quotient::kReciprocal>(src, dst, p, stream);
@@ -615,13 +727,17 @@ VIE_INLINE void encode_planned(const In* src, uint8_t* dst, const GroupPlan& p, 
 template <typename In, typename Fmt, ScaleRule Rule>
 class GroupBatch {
  public:
-  explicit GroupBatch(bool stream) : stream_(stream) {}
+  explicit GroupBatch(bool stream) : stream_(stream) {
+    if constexpr (Rule == ScaleRule::kStandard && std::is_same_v<In, c10::BFloat16>) {
+      if (code_tables<Fmt>().usable) tables_ = &code_tables<Fmt>();
+    }
+  }
   ~GroupBatch() { flush(); }
   VIE_INLINE void add(const In* src, uint8_t* dst, float* scale_f32, uint8_t* scale_e8m0) {
     Item& it = items_[n_];
     it.src = src;
     it.dst = dst;
-    plan_group_simd<Simd, In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0, it.plan);
+    plan_group_simd<Simd, In, Fmt, Rule>(src, dst, scale_f32, scale_e8m0, tables_, it.plan);
     if (++n_ == kBatch) flush();
   }
   VIE_INLINE void flush() {
@@ -639,6 +755,7 @@ class GroupBatch {
   Item items_[kBatch];
   int n_ = 0;
   bool stream_;
+  const CodeTables<Fmt>* tables_ = nullptr;  // standard mode, bf16: the table path (nullptr: never)
 };
 #else
 // Without AVX2 each full group runs the portable loop at once.
@@ -690,6 +807,8 @@ struct CacheLayout {
   int64_t scale_block_elems = 0;   // block stride of the scales, in scale elements (packed only)
 };
 
+constexpr int64_t kPrefetchRows = 16;
+
 // `skip` (nullable) marks rows whose slot a later row also names: each slot is then written by exactly
 // one row, codes and scales together, whatever the thread split.
 template <typename In, typename Fmt, ScaleRule Rule, typename Slot>
@@ -721,25 +840,34 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   const bool packed = layout.packed;
   const int64_t bs = std::max<int64_t>(layout.block_size, 1);
   const int64_t code_block = layout.code_block_bytes, scale_block = layout.scale_block_elems;
+  // Row and scale offsets (codes in bytes, scales in elements) of a valid slot.
+  auto offsets = [&](int64_t s) -> std::pair<int64_t, int64_t> {
+    if (!packed) return {s * d, s * groups};
+    const int64_t blk = s / bs, off = s - blk * bs;
+    return {blk * code_block + off * d, blk * scale_block + off * groups};
+  };
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const IeeeFpEnv fp_env;
     const StoreFence fence(stream);
     GroupBatch<In, Fmt, Rule> batch(stream);  // destroyed (flushed) before the fence and the FP environment
     for (int64_t r = begin; r < end; ++r) {
+      // A row's scales are a few bytes in a line of their own wherever slots are scattered, and the store
+      // waits for that line to be read; fetching it kPrefetchRows rows ahead took 10-15% off the time of
+      // shuffled d = 128 writes (BENCHMARKS.md). Code rows need none: they are whole lines, streamed.
+      if (r + kPrefetchRows < end) {
+        const int64_t ps = int64_t(sp[r + kPrefetchRows]);
+        if (ps >= 0 && ps < n_slots) {
+          const int64_t pso = offsets(ps).second;
+          if (sf) __builtin_prefetch(sf + pso, 1, 3);
+          if (se) __builtin_prefetch(se + pso, 1, 3);
+        }
+      }
       const int64_t s = int64_t(sp[r]);
       // The range was checked before any write; this keeps even a bad caller inside the tensors.
       if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
       const In* src = xp + r * d;
-      uint8_t* dst;
-      int64_t so;
-      if (packed) {
-        const int64_t blk = s / bs, off = s - blk * bs;
-        dst = cp + blk * code_block + off * d;
-        so = blk * scale_block + off * groups;
-      } else {
-        dst = cp + s * d;
-        so = s * groups;
-      }
+      const auto [co, so] = offsets(s);
+      uint8_t* dst = cp + co;
       for (int64_t g = 0; g < full_groups; ++g) {
         batch.add(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
       }

@@ -180,3 +180,53 @@ def test_build_mx_every_bf16_magnitude(built_op, cache_dtype, round_scale) -> No
     reference_indexer_compress_epilog(want_c, want_s, x, slots, quant_mode=0, round_scale=round_scale)
     np.testing.assert_array_equal(as_bytes(got_c), as_bytes(want_c))
     np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s))
+
+
+def _standard_pair_groups(fmax: float, min_normal: float, amax_bits: torch.Tensor, seed: int) -> torch.Tensor:
+    """One group per (amax, 127 magnitudes) for each amax in `amax_bits` (bf16 bits): every bf16 magnitude x
+    <= amax whose quotient RN(x / S), S = RN(amax / FMAX), is a normal fp8 value, with random signs; the
+    amax sits at a random position. Every group is then a finite group whose codes are all normal."""
+    g = torch.Generator().manual_seed(seed)
+    amax = amax_bits.to(torch.int16).view(torch.bfloat16).float()
+    s = amax / torch.tensor(fmax, dtype=torch.float32)  # float32 division: the rule's S
+    all_bf16 = torch.arange(0x0000, 0x7F80, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    # First magnitude whose float32 quotient is normal: an estimate, then the exact float32 test nearby.
+    lo = torch.searchsorted(all_bf16, (s.double() * min_normal).float()) - 2
+    lo = lo.clamp(min=0)
+    for _ in range(4):
+        below = (all_bf16[lo] / s) < min_normal
+        lo = lo + below.long()
+    n = amax_bits.long() - lo + 1
+    per = (n + 126) // 127
+    which = torch.repeat_interleave(torch.arange(len(amax_bits)), per)
+    k = torch.arange(len(which)) - torch.repeat_interleave(torch.cumsum(per, 0) - per, per)
+    idx = lo[which, None] + 127 * k[:, None] + torch.arange(127)[None, :]
+    idx = torch.minimum(idx, amax_bits.long()[which, None])
+    grid = all_bf16[idx] * torch.where(torch.rand(idx.shape, generator=g) < 0.5, -1.0, 1.0)
+    rows = torch.cat([amax[which, None], grid], dim=1)
+    # Move the amax (column 0) to a random column.
+    perm = torch.argsort(torch.rand(rows.shape, generator=g), dim=1)
+    return torch.gather(rows, 1, perm).to(torch.bfloat16).contiguous()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_build_standard_every_bf16_pair(built_op, cache_dtype) -> None:
+    """Standard-mode groups of bf16 whose codes are all normal (the vector paths encode them from raw bf16
+    words through a table per S significand, csrc/cpu CodeTable): for every finite bf16 amax whose S is at
+    least 2^-64, every bf16 magnitude x <= amax with a normal fp8 quotient, both signs, against the reference.
+    About 0.45e8 (e4m3fn) and 0.9e8 (e5m2) elements, in chunks of amax values."""
+    fmax = 448.0 if cache_dtype == torch.float8_e4m3fn else 57344.0
+    min_normal = 2.0**-6 if cache_dtype == torch.float8_e4m3fn else 2.0**-14
+    bits = torch.arange(0x0080, 0x7F80, dtype=torch.int32)
+    s = bits.to(torch.int16).view(torch.bfloat16).float() / torch.tensor(fmax)
+    bits = bits[s >= 2.0**-64]
+    for c, chunk in enumerate(torch.split(bits, 2048)):
+        x = _standard_pair_groups(fmax, min_normal, chunk, seed=c)
+        t = x.shape[0]
+        slots = torch.arange(t)
+        got_c, got_s = poisoned(t, 128, cache_dtype, 1, seed=c)
+        want_c, want_s = got_c.clone(), got_s.clone()
+        built_op(got_c, got_s, x, slots, 1, True)
+        reference_indexer_compress_epilog(want_c, want_s, x, slots, quant_mode=1, round_scale=True)
+        np.testing.assert_array_equal(as_bytes(got_c), as_bytes(want_c), err_msg=f"amax chunk {c}")
+        np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s), err_msg=f"amax chunk {c}")

@@ -76,10 +76,16 @@ def serve(name: str, tmp: Path, **kw: object) -> dict:
            "VLLM_CPU_KVCACHE_SPACE": KV_SPACE_GIB, **kw.pop("env", {})}  # type: ignore[dict-item]
     server = Server(flag={"indexer_epilog": FLAG}, workdir=tmp / name, env=env, **kw)  # type: ignore[arg-type]
     t0 = time.monotonic()
+    # DP: the sequential requests go to engine 0 and the concurrent ones alternate, so each engine gets one of
+    # the two long prompts: only a prompt with more compressed keys than index_topk (512, so over 2048 tokens)
+    # makes the indexer score the cache, and left to the load balancer one engine once got only short ones.
+    dp = int(kw.get("data_parallel_size", 1))  # type: ignore[call-overload]
+    pin = (lambda i: i % dp) if dp > 1 else (lambda i: None)
     with server:
         ready_s = time.monotonic() - t0
-        sequential = [(n, server.complete(token_prompt(n, n), MAX_TOKENS)) for n in (LONG, SHORT)]
-        concurrent = list(zip(CONCURRENT, server.complete_many([token_prompt(n, 7 * n) for n in CONCURRENT], MAX_TOKENS)))
+        sequential = [(n, server.complete(token_prompt(n, n), MAX_TOKENS, pin(0))) for n in (LONG, SHORT)]
+        concurrent = list(zip(CONCURRENT, server.complete_many([token_prompt(n, 7 * n) for n in CONCURRENT], MAX_TOKENS,
+                                                               dp_ranks=[pin(i) for i in range(len(CONCURRENT))])))
     print(f"\n{name}: ready after {ready_s:.0f} s, done after {time.monotonic() - t0:.0f} s")
     return {"server": server, "sequential": sequential, "concurrent": concurrent, "caps": captures(server),
             "stats": server.stats(), "lines": server.plugin_lines()}

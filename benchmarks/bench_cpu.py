@@ -4,7 +4,9 @@ Rows: T=16384 d=4096 and T=131072 d=128 (DeepSeek-V4's indexer row), bf16 -> e4m
 plus standard-mode e5m2 and fp16 rows; each at 2 threads and 1 thread (torch.set_num_threads: the kernel
 splits rows with ATen's parallel_for, so torch's intra-op thread count is its thread count). Columns: which
 vector path ran, median time, GB/s (bytes read + written), memcpy's rate timed in alternation with that row
-(same thread count, 256 MiB, read + write) and the row's rate over it ("vs memcpy"), the row's rate over the
+(same thread count, 256 MiB, read + write; 31 rounds of one call each, each call after an untimed read of 64 MiB
+that leaves nothing of the previous call in the caches: `evict`) and the median over rounds of the row's rate
+over that round's copy ("vs memcpy"), the row's rate over the
 best of three memcpy samples of that thread count ("vs best memcpy": the conservative reading), the time of `torch.compile` of the same quantize + `index_copy_`
 in plain torch, vLLM's own CPU indexer write where this host's vLLM has it (d=128 rows only; see
 `vllm_write_fn`), the eager torch reference, and the peak resident memory the call adds beyond its inputs
@@ -56,19 +58,27 @@ def median_time(fn: Callable[[], None], *, min_reps: int = 5, budget_s: float = 
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], None]], *, rounds: int = 200, per_round: int = 50) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternating short bursts so that the load of a shared
-    machine affects all of them alike."""
+def interleaved_samples(fns: dict[str, Callable[[], None]], *, rounds: int = 200, per_round: int = 50,
+                        before: Callable[[], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn, one sample per round, timed in alternating short bursts so that the load
+    of a shared machine affects all of them alike; `before` runs, untimed, before each burst."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             t0 = time.perf_counter()
             for _ in range(per_round):
                 fn()
             samples[name].append((time.perf_counter() - t0) / per_round)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    return samples
+
+
+def interleaved_medians(fns: dict[str, Callable[[], None]], *, rounds: int = 200, per_round: int = 50) -> dict[str, float]:
+    """Median seconds per call of each fn (interleaved_samples)."""
+    return {name: statistics.median(v) for name, v in interleaved_samples(fns, rounds=rounds, per_round=per_round).items()}
 
 
 def decode_table() -> str:
@@ -111,6 +121,19 @@ def peak_extra_mib(fn: Callable[[], None]) -> float:
 
 
 COPY_BYTES = 256 << 20  # larger than any cache level of the machines this runs on
+EVICT_BYTES = 64 << 20  # twice the largest L3 of the machines this runs on (32 MiB)
+_evict_buf: torch.Tensor | None = None
+
+
+def evict() -> None:
+    """Reads a buffer twice the L3's size, so that the next timed call finds none of its data cached and no
+    dirty line of the call before it left to write back. Without it, a call timed right after a 256 MiB copy
+    (which leaves the caches full of dirty lines) pays for the copy's write-backs: at d = 128, whose call
+    moves 48 MB, that cost up to a third of its rate."""
+    global _evict_buf
+    if _evict_buf is None:
+        _evict_buf = torch.ones(EVICT_BYTES, dtype=torch.uint8)
+    _evict_buf.sum()
 
 
 def memcpy_gbs(nbytes: int = COPY_BYTES) -> float:
@@ -309,15 +332,20 @@ def main() -> None:
                 copy_samples.append(memcpy_gbs())
             t, d, mode, xd, cd = cfg
             tensors, ref = None, None
-            times, copy_rate = {}, {}
+            times, copy_rate, paired = {}, {}, {}
             for isa, (kernel, _) in kernels.items():
                 tensors, op, ref = _calls(*cfg, kernel)
                 # This VM's memory bandwidth and CPU time drift by tens of percent within minutes, so each
                 # row's ratio uses a memcpy timed in alternation with it (same conditions), not a sample
                 # taken elsewhere in the run.
-                med = interleaved_medians({"op": op, "memcpy": copy_fn}, rounds=3 if args.quick else 15,
-                                          per_round=1)
-                times[isa], copy_rate[isa] = med["op"], copy_bytes / med["memcpy"] / 1e9
+                smp = interleaved_samples({"op": op, "memcpy": copy_fn}, rounds=3 if args.quick else 31, per_round=1,
+                                          before=evict)
+                times[isa], copy_rate[isa] = statistics.median(smp["op"]), copy_bytes / statistics.median(smp["memcpy"]) / 1e9
+                # Each round's op and copy ran back to back: the median of the per-round ratios pairs them
+                # under the same conditions (the ratio of the two medians can pair a quiet op sample with a
+                # busy copy one).
+                nbytes = bytes_moved(*tensors)
+                paired[isa] = statistics.median((nbytes / t) / (copy_bytes / c) for t, c in zip(smp["op"], smp["memcpy"]))
                 del op
             t_ref = median_time(ref, min_reps=3, budget_s=0.5)
             comp = "skipped" if args.no_compile else compiled_fn(tensors, mode)
@@ -329,7 +357,7 @@ def main() -> None:
                     "threads": threads, "T": t, "d": d, "x -> cache": f"{_name(xd)} -> {_name(cd)}",
                     "mode": "standard" if mode == 1 else "MX", "path": kernels[isa][1],
                     "time (us)": f"{t_op * 1e6:.1f}", "GB/s": bytes_moved(*tensors) / t_op / 1e9,
-                    "memcpy GB/s": copy_rate[isa],
+                    "memcpy GB/s": copy_rate[isa], "vs memcpy": f"{paired[isa]:.0%}",
                     "torch.compile (us)": f"{t_comp * 1e6:.1f}" if t_comp else comp,
                     "vs compile": f"{t_comp / t_op:.1f}x" if t_comp else "-",
                     "vLLM write (us)": f"{t_vllm * 1e6:.1f}" if t_vllm else vw,
@@ -342,7 +370,6 @@ def main() -> None:
         copy_note.append(f"{threads} thread{'s' if threads > 1 else ''}: memcpy (read+write) {copy_bw:.1f} GB/s "
                          f"(best of {', '.join(f'{c:.1f}' for c in copy_samples)})")
         for r in block:
-            r["vs memcpy"] = f"{r['GB/s'] / r['memcpy GB/s']:.0%}"
             r["vs best memcpy"] = f"{r['GB/s'] / copy_bw:.0%}"
             r["GB/s"], r["memcpy GB/s"] = f"{r['GB/s']:.2f}", f"{r['memcpy GB/s']:.1f}"
         rows += block

@@ -81,9 +81,13 @@ VIE_INLINE int32_t mx_exponent(uint32_t amax_bits) {
   constexpr uint32_t kFloorBits = 0x38D1B717u;  // 1e-4f
   const uint32_t floored = amax_bits > kFloorBits ? amax_bits : kFloorBits;
   if constexpr (RoundScale) {
-    // ceil(log2(a / FMAX)): the quotient is normal, so its exponent field plus "not a power of two".
-    const uint32_t r = f32_bits(bits_f32(floored) / bits_f32(Fmt::kFmaxBits));
-    return int32_t(r >> 23) - 127 + ((r & 0x7FFFFFu) != 0);
+    // ceil(log2(RN(a / FMAX))) without the division (whose latency sat on each group's critical path).
+    // With a = m 2^E and FMAX = f 2^emax (m, f in [1, 2); both normal, a >= 1e-4), RN(a / FMAX) =
+    // RN(m / f) 2^(E - emax), and RN(m / f) is in (1/2, 1) for m < f (float32's spacing keeps it off 1),
+    // exactly 1 for m = f, in (1, 2) for m > f: the exponent is E - emax, plus one where m > f.
+    // tests/backends/quotient_sweep.cpp compares it with the division for every float32 a.
+    constexpr uint32_t kFmaxMant = Fmt::kFmaxBits & 0x7FFFFFu;
+    return int32_t(floored >> 23) - 127 - Fmt::kEmax + ((floored & 0x7FFFFFu) > kFmaxMant);
   } else {
     return int32_t(floored >> 23) - 127 - Fmt::kEmax;
   }

@@ -643,29 +643,33 @@ template <typename V, typename In, typename Fmt, ScaleRule Rule>
 VIE_INLINE void plan_group_simd(const In* __restrict src, uint8_t* __restrict dst, float* scale_f32,
                                 uint8_t* scale_e8m0, const CodeTables<Fmt>* tables, GroupPlan& p) {
   const GroupStats st = group_stats_simd<V>(src);
-  p.gs = group_scale<Fmt, Rule>(st.amax_bits);
   p.variant = Variant::kPlain;
+  if constexpr (Rule == ScaleRule::kStandard && std::is_same_v<In, c10::BFloat16>) {
+    // CodeTable's conditions, decided on integer bits alone so that nothing in the plan waits for the
+    // scale's division (its latency was the d = 128 plan's critical path): a finite group; amax >=
+    // 2^(emax + 1 - 64), so S > 2^-64 (normal, and RN(amax / FMAX) scales with amax's exponent); min within
+    // kTableMargin binades of amax, so every min / S > 2^-(margin + 1) FMAX = 1.75 * 2^(1 - bias), above
+    // fp8's smallest normal. No code can pass FMAX's: the largest quotient is FMAX within float32 rounding.
+    // Other groups take the quotient checks below.
+    constexpr uint32_t kTableMargin = uint32_t(Fmt::kEmax + Fmt::kBias - 2);
+    constexpr uint32_t kTableMinAmaxExp = uint32_t(127 - 64 + Fmt::kEmax + 1);
+    const uint32_t amax_exp = st.amax_bits >> 23;
+    if (tables != nullptr && !st.nonfinite && amax_exp >= kTableMinAmaxExp &&
+        (st.min_bits >> 23) + kTableMargin >= amax_exp) {
+      store_scale<Fmt, Rule>(group_scale<Fmt, Rule>(st.amax_bits), scale_f32, scale_e8m0);
+      p.gs.table = &tables->by_a[(st.amax_bits >> 16) & 0x7F];
+      p.gs.code_bias = uint8_t(uint32_t(kTableRefExp + 1 - int32_t(amax_exp)) << Fmt::kMant);
+      p.quotient = Quotient::kTable;
+      return;
+    }
+  }
+  p.gs = group_scale<Fmt, Rule>(st.amax_bits);
   p.quotient = Quotient::kMultiply;
   if constexpr (Rule == ScaleRule::kStandard) {
     if (p.gs.divisor == 0.0f) {  // rare: encoded at once by the scalar path
       quantize_group_generic<In, Fmt, Rule>(src, kGroupSize, dst, scale_f32, scale_e8m0);
       p.variant = Variant::kDone;
       return;
-    }
-    if constexpr (std::is_same_v<In, c10::BFloat16>) {
-      // The table path's conditions (CodeTable) with one integer test in place of the quotient checks
-      // below: min within kTableMargin binades of amax puts every |x / S| above fp8's smallest normal
-      // (min / S > 2^-(margin + 1) FMAX = 1.75 * 2^(1 - bias)), and no code can pass FMAX's (the largest
-      // quotient is FMAX within float32 rounding). Groups with a smaller min take the checks.
-      constexpr uint32_t kTableMargin = uint32_t(Fmt::kEmax + Fmt::kBias - 2);
-      if (tables != nullptr && !st.nonfinite && f32_bits(p.gs.divisor) >= kReciprocalMinScaleBits &&
-          (st.min_bits >> 23) + kTableMargin >= (st.amax_bits >> 23)) {
-        p.gs.table = &tables->by_a[(st.amax_bits >> 16) & 0x7F];
-        p.gs.code_bias = uint8_t(uint32_t(kTableRefExp + 1 - int32_t(st.amax_bits >> 23)) << Fmt::kMant);
-        p.quotient = Quotient::kTable;
-        store_scale<Fmt, Rule>(p.gs, scale_f32, scale_e8m0);
-        return;
-      }
     }
     p.quotient = Quotient::kDivide;
 #ifdef __FMA__

@@ -1,4 +1,6 @@
-// Exhaustive check of fp8_codec.h's reciprocal_quotient() where the CPU kernel uses it: for bfloat16 and
+// Exhaustive checks of fp8_codec.h's division-free forms. First mx_exponent<Fmt, true> (MX round_scale's
+// exponent from integer bits) against the division, for every finite float32 amax. Then reciprocal_quotient()
+// where the CPU kernel uses it: for bfloat16 and
 // float16 inputs, each FP8 format, every finite amax whose scale S = RN(amax / FMAX) is at least
 // 2^-64 (kReciprocalMinScaleBits) and every x with 0 <= x <= amax, it compares against the correctly
 // rounded x / S: the float32 bits must match wherever x / S >= 2^-26, and the FP8 code everywhere (below
@@ -55,8 +57,32 @@ static long long sweep(bool bf16, long long& pairs, long long& exact_pairs) {
   return bad;
 }
 
+// fp8_codec.h's mx_exponent<Fmt, true> (integer bits only) against ceil(log2(RN(a / FMAX))) from the
+// division, for every finite float32 a >= 0 (the 1e-4 floor applied as the kernel applies it).
+template <typename Fmt>
+static long long sweep_mx_exponent(long long& n) {
+  constexpr uint32_t kFloorBits = 0x38D1B717u;  // 1e-4f
+  long long bad = 0;
+#pragma omp parallel for schedule(static) reduction(+ : bad)
+  for (long long i = 0; i < 0x7F800000LL; ++i) {
+    const uint32_t a = uint32_t(i);
+    const uint32_t floored = a > kFloorBits ? a : kFloorBits;
+    const uint32_t r = f32_bits(bits_f32(floored) / bits_f32(Fmt::kFmaxBits));
+    const int32_t want = int32_t(r >> 23) - 127 + ((r & 0x7FFFFFu) != 0);
+    bad += mx_exponent<Fmt, true>(a) != want;
+  }
+  n = 0x7F800000LL;
+  return bad;
+}
+
 int main() {
   long long total_bad = 0;
+  for (int fmt = 0; fmt < 2; ++fmt) {
+    long long n = 0;
+    const long long bad = fmt == 0 ? sweep_mx_exponent<E4M3>(n) : sweep_mx_exponent<E5M2>(n);
+    std::printf("mx_exponent %s: %lld amax values, %lld mismatches\n", fmt == 0 ? "e4m3fn" : "e5m2", n, bad);
+    total_bad += bad;
+  }
   for (int bf16 = 1; bf16 >= 0; --bf16) {
     for (int fmt = 0; fmt < 2; ++fmt) {
       long long pairs = 0, exact = 0;

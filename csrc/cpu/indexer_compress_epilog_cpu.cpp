@@ -25,6 +25,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 #if defined(__SSE__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -811,6 +812,23 @@ struct CacheLayout {
   int64_t scale_block_elems = 0;   // block stride of the scales, in scale elements (packed only)
 };
 
+// Where slot s's row of codes (bytes from the cache's start) and its first scale (elements) are.
+class SlotOffsets {
+ public:
+  SlotOffsets(const CacheLayout& layout, int64_t d, int64_t groups)
+      : packed_(layout.packed), bs_(std::max<int64_t>(layout.block_size, 1)), code_block_(layout.code_block_bytes),
+        scale_block_(layout.scale_block_elems), d_(d), groups_(groups) {}
+  VIE_INLINE std::pair<int64_t, int64_t> operator()(int64_t s) const {
+    if (!packed_) return {s * d_, s * groups_};
+    const int64_t blk = s / bs_, off = s - blk * bs_;
+    return {blk * code_block_ + off * d_, blk * scale_block_ + off * groups_};
+  }
+
+ private:
+  bool packed_;
+  int64_t bs_, code_block_, scale_block_, d_, groups_;
+};
+
 constexpr int64_t kPrefetchRows = 16;
 
 // `skip` (nullable) marks rows whose slot a later row also names: each slot is then written by exactly
@@ -841,15 +859,7 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
 #endif
   const bool stream = rows * d >= (int64_t(1) << 20) && d % kAlign == 0 &&
                       reinterpret_cast<uintptr_t>(cp) % kAlign == 0 && (!layout.packed || layout.code_block_bytes % kAlign == 0);
-  const bool packed = layout.packed;
-  const int64_t bs = std::max<int64_t>(layout.block_size, 1);
-  const int64_t code_block = layout.code_block_bytes, scale_block = layout.scale_block_elems;
-  // Row and scale offsets (codes in bytes, scales in elements) of a valid slot.
-  auto offsets = [&](int64_t s) -> std::pair<int64_t, int64_t> {
-    if (!packed) return {s * d, s * groups};
-    const int64_t blk = s / bs, off = s - blk * bs;
-    return {blk * code_block + off * d, blk * scale_block + off * groups};
-  };
+  const SlotOffsets offsets(layout, d, groups);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const IeeeFpEnv fp_env;
     const StoreFence fence(stream);
@@ -857,7 +867,7 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
     for (int64_t r = begin; r < end; ++r) {
       // A row's scales are a few bytes in a line of their own wherever slots are scattered, and the store
       // waits for that line to be read; fetching it kPrefetchRows rows ahead took 10-15% off the time of
-      // shuffled d = 128 writes (BENCHMARKS.md). Code rows need none: they are whole lines, streamed.
+      // shuffled writes (BENCHMARKS.md). Code rows need none: they are whole lines, streamed.
       if (r + kPrefetchRows < end) {
         const int64_t ps = int64_t(sp[r + kPrefetchRows]);
         if (ps >= 0 && ps < n_slots) {
@@ -898,9 +908,7 @@ void run_hif8(const at::Tensor& cache, const at::Tensor& x, const at::Tensor& sl
   const Slot* sp = slot_mapping.const_data_ptr<Slot>();
   uint8_t* cp = static_cast<uint8_t*>(cache.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
-  const bool packed = layout.packed;
-  const int64_t bs = std::max<int64_t>(layout.block_size, 1);
-  const int64_t code_block = layout.code_block_bytes;
+  const SlotOffsets offsets(layout, d, 0);
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
     const IeeeFpEnv fp_env;
     alignas(64) float buf[kGroupSize];
@@ -909,13 +917,7 @@ void run_hif8(const at::Tensor& cache, const at::Tensor& x, const at::Tensor& sl
       // The range was checked before any write; this keeps even a bad caller inside the tensors.
       if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
       const In* src = xp + r * d;
-      uint8_t* dst;
-      if (packed) {
-        const int64_t blk = s / bs, off = s - blk * bs;
-        dst = cp + blk * code_block + off * d;
-      } else {
-        dst = cp + s * d;
-      }
+      uint8_t* dst = cp + offsets(s).first;
       for (int64_t c = 0; c < d; c += kGroupSize) {
         const int n = int(std::min<int64_t>(kGroupSize, d - c));
         widen<In>(src + c, n, buf);

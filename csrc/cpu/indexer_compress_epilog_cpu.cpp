@@ -708,17 +708,15 @@ VIE_INLINE void encode_planned_q(const In* src, uint8_t* dst, const GroupPlan& p
   }
 }
 
-template <typename V, typename In, typename Fmt>
-VIE_INLINE void encode_planned_table(const In* src, uint8_t* dst, const GroupPlan& p, bool stream) {
-  encode_group_simd<V, In, Fmt, Quotient::kTable, false, false>(src, dst, p.gs, stream);
-}
-
 template <typename V, typename In, typename Fmt, ScaleRule Rule>
 VIE_INLINE void encode_planned(const In* src, uint8_t* dst, const GroupPlan& p, bool stream) {
   if constexpr (Rule != ScaleRule::kStandard) {
     encode_planned_q<V, In, Fmt, Quotient::kMultiply>(src, dst, p, stream);
   } else if (p.quotient == Quotient::kTable) {
-    if constexpr (std::is_same_v<In, c10::BFloat16>) encode_planned_table<V, In, Fmt>(src, dst, p, stream);
+    // Table groups are always plain (plan_group_simd), and only bf16 groups are ever table groups.
+    if constexpr (std::is_same_v<In, c10::BFloat16>) {
+      encode_group_simd<V, In, Fmt, Quotient::kTable, false, false>(src, dst, p.gs, stream);
+    }
   } else if (p.quotient == Quotient::kReciprocal) {
 #ifdef __FMA__
     encode_planned_q<V, In, Fmt, Quotient::kReciprocal>(src, dst, p, stream);

@@ -2,12 +2,15 @@
 
 Rows: T=16384 d=4096 and T=131072 d=128 (DeepSeek-V4's indexer row), bf16 -> e4m3fn in standard and MX mode,
 plus standard-mode e5m2 and fp16 rows; each at 2 threads and 1 thread (torch.set_num_threads: the kernel
-splits rows with ATen's parallel_for, so torch's intra-op thread count is its thread count). Columns: which
+runs one worker per ATen thread, so torch's intra-op thread count is its thread count). Columns: which
 vector path ran, median time, GB/s (bytes read + written), memcpy's rate timed in alternation with that row
 (same thread count, 256 MiB, read + write; 31 rounds of one call each, each call after an untimed read of 64 MiB
 that leaves nothing of the previous call in the caches: `evict`) and the median over rounds of the row's rate
 over that round's copy ("vs memcpy"), the row's rate over the
-best of three memcpy samples of that thread count ("vs best memcpy": the conservative reading), the time of `torch.compile` of the same quantize + `index_copy_`
+best of three memcpy samples of that thread count ("vs best memcpy": the conservative reading), how fast the
+CPU ran during the row's rounds ("CPU speed": the fastest `cpu_probe` of that thread count over the row's median
+probe, a probe timed in each round) and "vs memcpy" over only the rounds whose probe was within 10% of that
+fastest ("vs memcpy, full speed", with the number of such rounds), the time of `torch.compile` of the same quantize + `index_copy_`
 in plain torch, vLLM's own CPU indexer write where this host's vLLM has it (d=128 rows only; see
 `vllm_write_fn`), the eager torch reference, and the peak resident memory the call adds beyond its inputs
 and outputs.
@@ -134,6 +137,27 @@ def evict() -> None:
     if _evict_buf is None:
         _evict_buf = torch.ones(EVICT_BYTES // 8, dtype=torch.int64)  # int64: a uint8 sum runs at 0.3 GB/s
     _evict_buf.sum()
+
+
+_probe_mats: tuple[torch.Tensor, torch.Tensor] | None = None
+PROBE_CALLS = 4  # the first refills the caches evict() emptied; the other three are compute
+
+
+def cpu_probe() -> None:
+    """Fixed compute on data that fits in L2, none of it this package's: a float32 256x256 matmul at the
+    current thread count. On this VM the host sometimes gives a vCPU less than a core for minutes at a time:
+    a cache-hot kernel call then takes 1.4-1.9x its usual time while a 256 MiB copy slows far less, and
+    "vs memcpy" falls with it. Timed beside each round, the probe says which rounds ran at full speed."""
+    global _probe_mats
+    if _probe_mats is None:
+        g = torch.Generator().manual_seed(0)
+        _probe_mats = (torch.randn(256, 256, generator=g), torch.randn(256, 256, generator=g))
+    for _ in range(PROBE_CALLS):
+        torch.mm(*_probe_mats)
+
+
+FULL_SPEED = 1.1  # a round "at full CPU speed": its probe within 10% of the thread count's fastest probe
+MIN_FULL_SPEED_ROUNDS = 5
 
 
 def memcpy_gbs(nbytes: int = COPY_BYTES) -> float:
@@ -332,20 +356,22 @@ def main() -> None:
                 copy_samples.append(memcpy_gbs())
             t, d, mode, xd, cd = cfg
             tensors, ref = None, None
-            times, copy_rate, paired = {}, {}, {}
+            times, copy_rate, paired, rounds = {}, {}, {}, {}
             for isa, (kernel, _) in kernels.items():
                 tensors, op, ref = _calls(*cfg, kernel)
                 # This VM's memory bandwidth and CPU time drift by tens of percent within minutes, so each
                 # row's ratio uses a memcpy timed in alternation with it (same conditions), not a sample
                 # taken elsewhere in the run.
-                smp = interleaved_samples({"op": op, "memcpy": copy_fn}, rounds=3 if args.quick else 31, per_round=1,
-                                          before=evict)
+                smp = interleaved_samples({"op": op, "memcpy": copy_fn, "probe": cpu_probe},
+                                          rounds=3 if args.quick else 31, per_round=1, before=evict)
                 times[isa], copy_rate[isa] = statistics.median(smp["op"]), copy_bytes / statistics.median(smp["memcpy"]) / 1e9
                 # Each round's op and copy ran back to back: the median of the per-round ratios pairs them
                 # under the same conditions (the ratio of the two medians can pair a quiet op sample with a
                 # busy copy one).
                 nbytes = bytes_moved(*tensors)
-                paired[isa] = statistics.median((nbytes / t) / (copy_bytes / c) for t, c in zip(smp["op"], smp["memcpy"]))
+                ratios = [(nbytes / t) / (copy_bytes / c) for t, c in zip(smp["op"], smp["memcpy"])]
+                paired[isa] = statistics.median(ratios)
+                rounds[isa] = list(zip(ratios, smp["probe"]))
                 del op
             t_ref = median_time(ref, min_reps=3, budget_s=0.5)
             comp = "skipped" if args.no_compile else compiled_fn(tensors, mode)
@@ -362,15 +388,21 @@ def main() -> None:
                     "vs compile": f"{t_comp / t_op:.1f}x" if t_comp else "-",
                     "vLLM write (us)": f"{t_vllm * 1e6:.1f}" if t_vllm else vw,
                     "vs vLLM": f"{t_vllm / t_op:.1f}x" if t_vllm else "-",
-                    "vs eager ref": f"{t_ref / t_op:.1f}x", "_key": (isa, _key(*cfg)),
+                    "vs eager ref": f"{t_ref / t_op:.1f}x", "_key": (isa, _key(*cfg)), "_rounds": rounds[isa],
                 })
             del tensors, ref, comp
         copy_samples.append(memcpy_gbs())
         copy_bw = max(copy_samples)
         copy_note.append(f"{threads} thread{'s' if threads > 1 else ''}: memcpy (read+write) {copy_bw:.1f} GB/s "
                          f"(best of {', '.join(f'{c:.1f}' for c in copy_samples)})")
+        fastest_probe = min(p for r in block for _, p in r["_rounds"])
         for r in block:
             r["vs best memcpy"] = f"{r['GB/s'] / copy_bw:.0%}"
+            probes = [p for _, p in r["_rounds"]]
+            r["CPU speed"] = f"{fastest_probe / statistics.median(probes):.0%}"
+            fast = [ratio for ratio, p in r.pop("_rounds") if p <= FULL_SPEED * fastest_probe]
+            r["vs memcpy, full speed"] = (f"{statistics.median(fast):.0%} ({len(fast)})"
+                                          if len(fast) >= MIN_FULL_SPEED_ROUNDS else f"- ({len(fast)})")
             r["GB/s"], r["memcpy GB/s"] = f"{r['GB/s']:.2f}", f"{r['memcpy GB/s']:.1f}"
         rows += block
     torch.set_num_threads(saved_threads)
@@ -389,7 +421,7 @@ def main() -> None:
         r["peak extra (MiB)"] = f"{op_mib:.1f}"
         r["ref peak extra (MiB)"] = f"{ref_mib:.1f}"
     cols = ["threads", "T", "d", "x -> cache", "mode", "path", "time (us)", "GB/s", "memcpy GB/s", "vs memcpy",
-            "vs best memcpy", "torch.compile (us)",
+            "vs best memcpy", "CPU speed", "vs memcpy, full speed", "torch.compile (us)",
             "vs compile", "vLLM write (us)", "vs vLLM", "vs eager ref", "peak extra (MiB)", "ref peak extra (MiB)"]
     table = print_table(rows, cols)
     if args.out:

@@ -827,6 +827,79 @@ class SlotOffsets {
   int64_t bs_, code_block_, scale_block_, d_, groups_;
 };
 
+// Splits rows over ATen's threads as contiguous halves (each thread streams its own stretch of x), and lets a
+// thread that finishes early take chunks off the far end of another's. On a VM a thread's vCPU can start
+// late: with fixed halves, a 2 ms call then waits for the late half (BENCHMARKS.md, issue 18). Handing
+// out every chunk on demand removed that wait but interleaved the threads' reads and cost 8-14% when both
+// start on time; here the owner still walks its stretch front to back and only a late stretch is shared.
+class RowSchedule {
+ public:
+  // Rows are handed out a grain at a time (`grain` rows, the least work worth a thread). Chunks of 8K
+  // elements were tried: the claims cost ~5% when both threads start on time, 64K elements cost nothing
+  // measurable and still share a late stretch to within ~15 us (BENCHMARKS.md).
+  RowSchedule(int64_t rows, int64_t grain) : rows_(rows) {
+    // Chunk indices are packed two to a 64-bit word: keep them below 2^31.
+    chunk_ = std::max({grain, int64_t(1), (rows + (int64_t(1) << 31) - 1) >> 31});
+    int64_t chunks = (rows + chunk_ - 1) / chunk_;
+    workers_ = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(at::get_num_threads()), chunks)));
+    if (at::in_parallel_region()) workers_ = 1;
+    if (workers_ == 1) {  // nobody to share with: one claim for all rows
+      chunk_ = std::max<int64_t>(rows, 1);
+      chunks = 1;
+    }
+    stretches_ = std::make_unique<Stretch[]>(size_t(workers_));
+    for (int w = 0; w < workers_; ++w) {
+      stretches_[w].span.store(pack(chunks * w / workers_, chunks * (w + 1) / workers_), std::memory_order_relaxed);
+    }
+  }
+
+  // Runs body(next) once per worker, in parallel; next(begin, end) hands out row ranges (the
+  // worker's own stretch first, then others' leftovers) until it returns false.
+  template <typename Body>
+  void run(const Body& body) {
+    auto one = [&](int64_t w) {
+      body([this, w](int64_t& begin, int64_t& end) { return claim(int(w), begin, end); });
+    };
+    if (workers_ == 1) {
+      one(0);
+      return;
+    }
+    at::parallel_for(0, workers_, 1, [&](int64_t b, int64_t e) {
+      for (int64_t w = b; w < e; ++w) one(w);
+    });
+  }
+
+ private:
+  struct alignas(64) Stretch {
+    std::atomic<uint64_t> span{0};  // [front, back) in chunks: front in the low half, back in the high
+  };
+  static uint64_t pack(int64_t front, int64_t back) { return uint64_t(front) | (uint64_t(back) << 32); }
+
+  bool claim(int self, int64_t& begin, int64_t& end) {
+    int64_t c = take(stretches_[self].span, true);
+    for (int k = 1; c < 0 && k < workers_; ++k) c = take(stretches_[(self + k) % workers_].span, false);
+    if (c < 0) return false;
+    begin = c * chunk_;
+    end = std::min(rows_, begin + chunk_);
+    return true;
+  }
+
+  // One chunk off the front (the owner) or the back (a thief), or -1 if the stretch is empty.
+  static int64_t take(std::atomic<uint64_t>& span, bool front) {
+    uint64_t cur = span.load(std::memory_order_relaxed);
+    for (;;) {
+      const int64_t f = int64_t(cur & 0xffffffffu), b = int64_t(cur >> 32);
+      if (f >= b) return -1;
+      const uint64_t next = front ? pack(f + 1, b) : pack(f, b - 1);
+      if (span.compare_exchange_weak(cur, next, std::memory_order_relaxed)) return front ? f : b - 1;
+    }
+  }
+
+  int64_t rows_, chunk_;
+  int workers_;
+  std::unique_ptr<Stretch[]> stretches_;
+};
+
 constexpr int64_t kPrefetchRows = 16;
 
 // `skip` (nullable) marks rows whose slot a later row also names: each slot is then written by exactly
@@ -858,35 +931,38 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   const bool stream = rows * d >= (int64_t(1) << 20) && d % kAlign == 0 &&
                       reinterpret_cast<uintptr_t>(cp) % kAlign == 0 && (!layout.packed || layout.code_block_bytes % kAlign == 0);
   const SlotOffsets offsets(layout, d, groups);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  RowSchedule(rows, grain).run([&](const auto& next) {
     const IeeeFpEnv fp_env;
     const StoreFence fence(stream);
     GroupBatch<In, Fmt, Rule> batch(stream);  // destroyed (flushed) before the fence and the FP environment
-    for (int64_t r = begin; r < end; ++r) {
-      // A row's scales are a few bytes in a line of their own wherever slots are scattered, and the store
-      // waits for that line to be read; fetching it kPrefetchRows rows ahead took 10-15% off the time of
-      // shuffled writes (BENCHMARKS.md). Code rows need none: they are whole lines, streamed.
-      if (r + kPrefetchRows < end) {
-        const int64_t ps = int64_t(sp[r + kPrefetchRows]);
-        if (ps >= 0 && ps < n_slots) {
-          const int64_t pso = offsets(ps).second;
-          if (sf) __builtin_prefetch(sf + pso, 1, 3);
-          if (se) __builtin_prefetch(se + pso, 1, 3);
+    int64_t begin = 0, end = 0;
+    while (next(begin, end)) {
+      for (int64_t r = begin; r < end; ++r) {
+        // A row's scales are a few bytes in a line of their own wherever slots are scattered, and the store
+        // waits for that line to be read; fetching it kPrefetchRows rows ahead took 10-15% off the time of
+        // shuffled writes (BENCHMARKS.md). Code rows need none: they are whole lines, streamed.
+        if (r + kPrefetchRows < rows) {
+          const int64_t ps = int64_t(sp[r + kPrefetchRows]);
+          if (ps >= 0 && ps < n_slots) {
+            const int64_t pso = offsets(ps).second;
+            if (sf) __builtin_prefetch(sf + pso, 1, 3);
+            if (se) __builtin_prefetch(se + pso, 1, 3);
+          }
         }
-      }
-      const int64_t s = int64_t(sp[r]);
-      // The range was checked before any write; this keeps even a bad caller inside the tensors.
-      if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
-      const In* src = xp + r * d;
-      const auto [co, so] = offsets(s);
-      uint8_t* dst = cp + co;
-      for (int64_t g = 0; g < full_groups; ++g) {
-        batch.add(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
-      }
-      if (tail) {
-        const int64_t g = full_groups;
-        quantize_group_generic<In, Fmt, Rule>(src + g * kGroupSize, tail, dst + g * kGroupSize,
-                                              sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
+        const int64_t s = int64_t(sp[r]);
+        // The range was checked before any write; this keeps even a bad caller inside the tensors.
+        if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
+        const In* src = xp + r * d;
+        const auto [co, so] = offsets(s);
+        uint8_t* dst = cp + co;
+        for (int64_t g = 0; g < full_groups; ++g) {
+          batch.add(src + g * kGroupSize, dst + g * kGroupSize, sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
+        }
+        if (tail) {
+          const int64_t g = full_groups;
+          quantize_group_generic<In, Fmt, Rule>(src + g * kGroupSize, tail, dst + g * kGroupSize,
+                                                sf ? sf + so + g : nullptr, se ? se + so + g : nullptr);
+        }
       }
     }
   });
@@ -907,19 +983,22 @@ void run_hif8(const at::Tensor& cache, const at::Tensor& x, const at::Tensor& sl
   uint8_t* cp = static_cast<uint8_t*>(cache.data_ptr());
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
   const SlotOffsets offsets(layout, d, 0);
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+  RowSchedule(rows, grain).run([&](const auto& next) {
     const IeeeFpEnv fp_env;
     alignas(64) float buf[kGroupSize];
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t s = int64_t(sp[r]);
-      // The range was checked before any write; this keeps even a bad caller inside the tensors.
-      if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
-      const In* src = xp + r * d;
-      uint8_t* dst = cp + offsets(s).first;
-      for (int64_t c = 0; c < d; c += kGroupSize) {
-        const int n = int(std::min<int64_t>(kGroupSize, d - c));
-        widen<In>(src + c, n, buf);
-        for (int i = 0; i < n; ++i) dst[c + i] = encode_hif8<false>(buf[i] * scale);
+    int64_t begin = 0, end = 0;
+    while (next(begin, end)) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t s = int64_t(sp[r]);
+        // The range was checked before any write; this keeps even a bad caller inside the tensors.
+        if (s < 0 || s >= n_slots || (skip != nullptr && skip[r])) continue;
+        const In* src = xp + r * d;
+        uint8_t* dst = cp + offsets(s).first;
+        for (int64_t c = 0; c < d; c += kGroupSize) {
+          const int n = int(std::min<int64_t>(kGroupSize, d - c));
+          widen<In>(src + c, n, buf);
+          for (int i = 0; i < n; ++i) dst[c + i] = encode_hif8<false>(buf[i] * scale);
+        }
       }
     }
   });

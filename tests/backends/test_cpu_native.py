@@ -210,6 +210,33 @@ def test_duplicates_last_row_wins(two_threads, d: int, t: int, n: int, slot_dtyp
             np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s), err_msg=f"rep {rep}")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("d,t", [(128, 9000), (4096, 301), (200, 2500)])
+@pytest.mark.parametrize("quant_mode", [1, 0, 2])
+def test_every_row_written_once_whatever_the_thread_count(threads: int, d: int, t: int, quant_mode: int) -> None:
+    """Rows are split as contiguous stretches and an idle thread takes chunks off the end of another's; with more
+    threads than this machine has cores, some start late and their stretches are shared. Every row must still
+    be written once, by whichever thread claims it."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(threads * 7 + d + quant_mode)
+        n = t + 50
+        cache_dtype = torch.uint8 if quant_mode == 2 else torch.float8_e4m3fn
+        for rep in range(3):
+            slots = torch.randperm(n, generator=g)[:t]
+            slots[torch.rand(t, generator=g) < 0.05] = -1
+            x = random_x(t, d, torch.bfloat16, seed=rep + d, specials=9)
+            got_c, got_s = poisoned(n, d, cache_dtype, quant_mode, seed=rep)
+            want_c, want_s = got_c.clone(), got_s.clone()
+            OP(got_c, got_s, x, slots, quant_mode=quant_mode)
+            reference_indexer_compress_epilog(want_c, want_s, x, slots, quant_mode=quant_mode)
+            np.testing.assert_array_equal(as_bytes(got_c), as_bytes(want_c), err_msg=f"rep {rep}")
+            np.testing.assert_array_equal(as_bytes(got_s), as_bytes(want_s), err_msg=f"rep {rep}")
+    finally:
+        torch.set_num_threads(saved)
+
+
 @pytest.mark.parametrize("t", [2, 40, 3000])
 def test_strict_mode_refuses_duplicates_before_writing(monkeypatch, t: int) -> None:
     monkeypatch.setenv("VLLM_INDEXER_EPILOG_STRICT", "1")

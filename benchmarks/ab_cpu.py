@@ -2,11 +2,13 @@
 path, `-march=x86-64-v3`) under their own library names, timed in one process, interleaved.
 
 Each round times, per build, a 256 MiB copy and then the op, each after an untimed 64 MiB read (bench_cpu's
-`evict`), so every call starts from the same cache state and is paired with a copy timed beside it. Prints one
-markdown row per (threads, shape, mode, dtypes): median time and median paired "vs memcpy" per build, and each
+`evict`), so every call starts from the same cache state and is paired with a copy timed beside it; the builds
+take turns going first. Prints one markdown row per (threads, shape, mode, dtypes): per build the median time,
+the 90th percentile (a slow tail is what a late thread costs) and the median paired "vs memcpy", and each
 build's median time over the first's. BENCHMARKS.md's issue-18 A/B tables came from this.
 
-    python benchmarks/ab_cpu.py --base 47394aa [--march x86-64-v3] [--rounds 21] [--quick]
+    python benchmarks/ab_cpu.py --base 47394aa [--march x86-64-v3] [--rounds 21] [--threads 2,1] [--targets]
+                                [--quick]
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ def main() -> None:
     ap.add_argument("--base", required=True, help="the git revision to compare with (its csrc/)")
     ap.add_argument("--march", default="x86-64-v3", help="compiler target of both builds")
     ap.add_argument("--rounds", type=int, default=21)
+    ap.add_argument("--threads", default="2,1", help="thread counts, comma-separated")
+    ap.add_argument("--targets", action="store_true", help="only issue 18's four bf16 -> e4m3fn rows")
     ap.add_argument("--quick", action="store_true", help="two small shapes, 3 rounds: a smoke run")
     args = ap.parse_args()
+    configs = QUICK if args.quick else CONFIGS[:4] if args.targets else CONFIGS
     tag = args.march.replace("-", "_")
     with tempfile.TemporaryDirectory() as tmp:
         ops = {"base": build(base_csrc(args.base, Path(tmp)), args.march, f"vie_ab_base_{tag}"),
@@ -68,18 +73,19 @@ def main() -> None:
     dst = torch.empty_like(src)
     rounds = 3 if args.quick else args.rounds
     print(f"# base {args.base} vs this tree, -march={args.march}, {rounds} rounds")
-    print("| threads | T | d | mode | x -> cache | base | this | this/base |\n|---|---|---|---|---|---|---|---|")
-    for threads in (2, 1):
+    print("| threads | T | d | mode | x -> cache | base: median, p90, vs memcpy | this: median, p90, vs memcpy "
+          "| this/base |\n|---|---|---|---|---|---|---|---|")
+    for threads in (int(n) for n in args.threads.split(",")):
         torch.set_num_threads(threads)
-        for t, d, mode, xd, cd in QUICK if args.quick else CONFIGS:
+        for t, d, mode, xd, cd in configs:
             c, s, x, sl = make_inputs(t, d, quant_mode=mode, x_dtype=DTYPES[xd], cache_dtype=DTYPES[cd])
             nbytes = bytes_moved(c, s, x, sl)
             times = {k: [] for k in ops}
             ratios = {k: [] for k in ops}
             for op in ops.values():
                 op(c, s, x, sl, mode, True)
-            for _ in range(rounds):
-                for name, op in ops.items():
+            for i in range(rounds):
+                for name, op in list(ops.items())[:: 1 if i % 2 == 0 else -1]:
                     evict()
                     t0 = time.perf_counter()
                     dst.copy_(src)
@@ -91,7 +97,9 @@ def main() -> None:
                     times[name].append(op_s)
                     ratios[name].append((nbytes / op_s) / (2 * src.numel() / copy_s))
             med = {k: statistics.median(v) for k, v in times.items()}
-            cells = " | ".join(f"{med[k] * 1e3:.2f} ms, {statistics.median(ratios[k]):.0%}" for k in ops)
+            p90 = {k: sorted(v)[int(0.9 * (len(v) - 1))] for k, v in times.items()}
+            cells = " | ".join(f"{med[k] * 1e3:.2f} ms, {p90[k] * 1e3:.2f} ms, {statistics.median(ratios[k]):.0%}"
+                               for k in ops)
             print(f"| {threads} | {t} | {d} | {'standard' if mode == 1 else 'MX'} | {xd} -> {cd} | {cells} | "
                   f"{med['this'] / med['base']:.2f} |", flush=True)
 

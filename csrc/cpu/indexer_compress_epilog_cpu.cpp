@@ -827,31 +827,38 @@ class SlotOffsets {
   int64_t bs_, code_block_, scale_block_, d_, groups_;
 };
 
-// Splits rows over ATen's threads as contiguous halves (each thread streams its own stretch of x), and lets a
-// thread that finishes early take chunks off the far end of another's. On a VM a thread's vCPU can start
-// late: with fixed halves, a 2 ms call then waits for the late half (BENCHMARKS.md, issue 18). Handing
-// out every chunk on demand removed that wait but interleaved the threads' reads and cost 8-14% when both
-// start on time; here the owner still walks its stretch front to back and only a late stretch is shared.
+// Splits rows over ATen's threads as contiguous stretches, one per thread (each thread streams its own part
+// of x), and lets a thread that finishes early take chunks off the far end of another's. On a VM a thread's
+// vCPU can start late: with fixed stretches, a 2 ms call then waits for the late one (BENCHMARKS.md, issue
+// 18). Handing out every chunk on demand removed that wait but interleaved the threads' reads and cost 8-14%
+// when both start on time; here the owner still walks its stretch front to back and only a late stretch is
+// shared.
 class RowSchedule {
  public:
-  // Rows are handed out a grain at a time (`grain` rows, the least work worth a thread). Chunks of 8K
-  // elements were tried: the claims cost ~5% when both threads start on time, 64K elements cost nothing
-  // measurable and still share a late stretch to within ~15 us (BENCHMARKS.md).
-  RowSchedule(int64_t rows, int64_t grain) : rows_(rows) {
+  // Chunks of ~64K elements: below that a thread wake-up costs more than it saves, so it is also the least
+  // work given a thread. Chunks of 8K elements were tried: the claims cost ~5% when both threads start on
+  // time; 64K cost nothing measurable and still share a late stretch to within ~15 us (BENCHMARKS.md).
+  RowSchedule(int64_t rows, int64_t d) : rows_(rows) {
     // Chunk indices are packed two to a 64-bit word: keep them below 2^31.
-    chunk_ = std::max({grain, int64_t(1), (rows + (int64_t(1) << 31) - 1) >> 31});
+    chunk_ = std::max({(int64_t(1) << 16) / d, int64_t(1), (rows + (int64_t(1) << 31) - 1) >> 31});
     int64_t chunks = (rows + chunk_ - 1) / chunk_;
     workers_ = int(std::max<int64_t>(1, std::min<int64_t>(int64_t(at::get_num_threads()), chunks)));
     if (at::in_parallel_region()) workers_ = 1;
-    if (workers_ == 1) {  // nobody to share with: one claim for all rows
+    if (workers_ == 1) {
+      // Nobody to share with: one claim for all rows, and no allocation (decode-size calls land here).
       chunk_ = std::max<int64_t>(rows, 1);
       chunks = 1;
+      stretches_ = &single_;
+    } else {
+      shared_ = std::make_unique<Stretch[]>(size_t(workers_));
+      stretches_ = shared_.get();
     }
-    stretches_ = std::make_unique<Stretch[]>(size_t(workers_));
     for (int w = 0; w < workers_; ++w) {
       stretches_[w].span.store(pack(chunks * w / workers_, chunks * (w + 1) / workers_), std::memory_order_relaxed);
     }
   }
+  RowSchedule(const RowSchedule&) = delete;  // stretches_ may point into this object
+  RowSchedule& operator=(const RowSchedule&) = delete;
 
   // Runs body(next) once per worker, in parallel; next(begin, end) hands out row ranges (the
   // worker's own stretch first, then others' leftovers) until it returns false.
@@ -897,7 +904,9 @@ class RowSchedule {
 
   int64_t rows_, chunk_;
   int workers_;
-  std::unique_ptr<Stretch[]> stretches_;
+  Stretch single_;
+  std::unique_ptr<Stretch[]> shared_;
+  Stretch* stretches_;
 };
 
 constexpr int64_t kPrefetchRows = 16;
@@ -918,8 +927,6 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   uint8_t* cp = static_cast<uint8_t*>(cache.data_ptr());
   float* sf = Rule == ScaleRule::kStandard ? static_cast<float*>(scale.data_ptr()) : nullptr;
   uint8_t* se = Rule == ScaleRule::kStandard ? nullptr : static_cast<uint8_t*>(scale.data_ptr());
-  // ~64K elements per task: below that a thread wake-up costs more than it saves.
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
   // Large writes bypass the caches (no read-for-ownership of cache rows that are overwritten whole);
   // small ones stay cached for the attention read that follows. Streaming stores need rows aligned to
   // the vector width (32 or 64 bytes); a packed pair's only if its block stride is a multiple of it too.
@@ -931,7 +938,7 @@ void run(const at::Tensor& cache, const at::Tensor& scale, const at::Tensor& x, 
   const bool stream = rows * d >= (int64_t(1) << 20) && d % kAlign == 0 &&
                       reinterpret_cast<uintptr_t>(cp) % kAlign == 0 && (!layout.packed || layout.code_block_bytes % kAlign == 0);
   const SlotOffsets offsets(layout, d, groups);
-  RowSchedule(rows, grain).run([&](const auto& next) {
+  RowSchedule(rows, d).run([&](const auto& next) {
     const IeeeFpEnv fp_env;
     const StoreFence fence(stream);
     GroupBatch<In, Fmt, Rule> batch(stream);  // destroyed (flushed) before the fence and the FP environment
@@ -981,9 +988,8 @@ void run_hif8(const at::Tensor& cache, const at::Tensor& x, const at::Tensor& sl
   const In* xp = static_cast<const In*>(x.const_data_ptr());
   const Slot* sp = slot_mapping.const_data_ptr<Slot>();
   uint8_t* cp = static_cast<uint8_t*>(cache.data_ptr());
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / d);
   const SlotOffsets offsets(layout, d, 0);
-  RowSchedule(rows, grain).run([&](const auto& next) {
+  RowSchedule(rows, d).run([&](const auto& next) {
     const IeeeFpEnv fp_env;
     alignas(64) float buf[kGroupSize];
     int64_t begin = 0, end = 0;

@@ -1,9 +1,9 @@
 """A/B of the CPU kernel against an earlier commit's source: both built for the same target (default the AVX2
 path, `-march=x86-64-v3`) under their own library names, timed in one process, interleaved.
 
-Each round times, per build, a 256 MiB copy and then the op, each after an untimed 64 MiB read (bench_cpu's
-`evict`), so every call starts from the same cache state and is paired with a copy timed beside it; the builds
-take turns going first. Prints one markdown row per (threads, shape, mode, dtypes): per build the median time,
+Each round times, per build, a 256 MiB copy and the op, each after an untimed 64 MiB read (bench_cpu's
+`evict`), so every call starts from the same cache state and is paired with a copy timed beside it; every
+other round runs in reverse order, so neither build always goes first. Prints one markdown row per (threads, shape, mode, dtypes): per build the median time,
 the 90th percentile (a slow tail is what a late thread costs) and the median paired "vs memcpy", and each
 build's median time over the first's. BENCHMARKS.md's issue-18 A/B tables came from this.
 
@@ -18,14 +18,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_cpu import evict  # noqa: E402
+from bench_cpu import evict, interleaved_samples, paired_ratios  # noqa: E402
 from common import bytes_moved, make_inputs  # noqa: E402
 from vllm_indexer_epilog.backends import cpu  # noqa: E402
 
@@ -79,23 +78,14 @@ def main() -> None:
         torch.set_num_threads(threads)
         for t, d, mode, xd, cd in configs:
             c, s, x, sl = make_inputs(t, d, quant_mode=mode, x_dtype=DTYPES[xd], cache_dtype=DTYPES[cd])
-            nbytes = bytes_moved(c, s, x, sl)
-            times = {k: [] for k in ops}
-            ratios = {k: [] for k in ops}
-            for op in ops.values():
-                op(c, s, x, sl, mode, True)
-            for i in range(rounds):
-                for name, op in list(ops.items())[:: 1 if i % 2 == 0 else -1]:
-                    evict()
-                    t0 = time.perf_counter()
-                    dst.copy_(src)
-                    copy_s = time.perf_counter() - t0
-                    evict()
-                    t0 = time.perf_counter()
-                    op(c, s, x, sl, mode, True)
-                    op_s = time.perf_counter() - t0
-                    times[name].append(op_s)
-                    ratios[name].append((nbytes / op_s) / (2 * src.numel() / copy_s))
+            fns = {}
+            for name, op in ops.items():
+                fns[f"{name} copy"] = lambda: dst.copy_(src)
+                fns[name] = lambda op=op: op(c, s, x, sl, mode, True)
+            smp = interleaved_samples(fns, rounds=rounds, per_round=1, before=evict, alternate=True)
+            times = {k: smp[k] for k in ops}
+            ratios = {k: paired_ratios(bytes_moved(c, s, x, sl), smp[k], 2 * src.numel(), smp[f"{k} copy"])
+                      for k in ops}
             med = {k: statistics.median(v) for k, v in times.items()}
             p90 = {k: sorted(v)[int(0.9 * (len(v) - 1))] for k, v in times.items()}
             cells = " | ".join(f"{med[k] * 1e3:.2f} ms, {p90[k] * 1e3:.2f} ms, {statistics.median(ratios[k]):.0%}"

@@ -62,14 +62,16 @@ def median_time(fn: Callable[[], None], *, min_reps: int = 5, budget_s: float = 
 
 
 def interleaved_samples(fns: dict[str, Callable[[], None]], *, rounds: int = 200, per_round: int = 50,
-                        before: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                        before: Callable[[], None] | None = None, alternate: bool = False) -> dict[str, list[float]]:
     """Seconds per call of each fn, one sample per round, timed in alternating short bursts so that the load
-    of a shared machine affects all of them alike; `before` runs, untimed, before each burst."""
+    of a shared machine affects all of them alike; `before` runs, untimed, before each burst; `alternate`
+    reverses the order every other round, so no fn always runs first."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for i in range(rounds):
+        for name, fn in order if not alternate or i % 2 == 0 else order[::-1]:
             if before is not None:
                 before()
             t0 = time.perf_counter()
@@ -77,6 +79,11 @@ def interleaved_samples(fns: dict[str, Callable[[], None]], *, rounds: int = 200
                 fn()
             samples[name].append((time.perf_counter() - t0) / per_round)
     return samples
+
+
+def paired_ratios(nbytes: int, op_s: list[float], copy_bytes: int, copy_s: list[float]) -> list[float]:
+    """Per round, the op's rate (nbytes moved) over the copy's rate (copy_bytes moved) timed in that round."""
+    return [(nbytes / t) / (copy_bytes / c) for t, c in zip(op_s, copy_s, strict=True)]
 
 
 def interleaved_medians(fns: dict[str, Callable[[], None]], *, rounds: int = 200, per_round: int = 50) -> dict[str, float]:
@@ -368,8 +375,7 @@ def main() -> None:
                 # Each round's op and copy ran back to back: the median of the per-round ratios pairs them
                 # under the same conditions (the ratio of the two medians can pair a quiet op sample with a
                 # busy copy one).
-                nbytes = bytes_moved(*tensors)
-                ratios = [(nbytes / t) / (copy_bytes / c) for t, c in zip(smp["op"], smp["memcpy"])]
+                ratios = paired_ratios(bytes_moved(*tensors), smp["op"], copy_bytes, smp["memcpy"])
                 paired[isa] = statistics.median(ratios)
                 rounds[isa] = list(zip(ratios, smp["probe"]))
                 del op
